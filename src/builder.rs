@@ -1,0 +1,240 @@
+//! Runs a service's build steps: environment, process groups, output and cancellation.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{Event, EventKind};
+use crate::guardian::{self, Guardian};
+use crate::hash::BuildId;
+use crate::log::Reporter;
+use crate::manifest::Service;
+
+/// How many of a failed step's last output lines the error shows.
+const TAIL_LINES: usize = 20;
+
+/// How long a cancelled step gets between SIGTERM and SIGKILL.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the steps did not all succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildFailure {
+    #[error("{}", step_failure(*.index, *.count, .step, .status, .tail))]
+    Step {
+        index: usize,
+        count: usize,
+        step: String,
+        status: ExitStatus,
+        tail: Vec<String>,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("cannot run build step `{step}`: {source}")]
+    Spawn { step: String, source: io::Error },
+}
+
+fn step_failure(
+    index: usize,
+    count: usize,
+    step: &str,
+    status: &ExitStatus,
+    tail: &[String],
+) -> String {
+    let mut s = format!(
+        "step {} of {count} (`{step}`) failed with {}",
+        index + 1,
+        describe_status(status)
+    );
+    if !tail.is_empty() {
+        s.push_str("; its last lines:");
+        for l in tail {
+            s.push_str("\n    ");
+            s.push_str(l);
+        }
+    }
+    s
+}
+
+/// `exit status 3` or `signal 9 (SIGKILL)`.
+pub fn describe_status(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("signal {sig} ({s})"),
+            Err(_) => format!("signal {sig}"),
+        },
+        _ => "an unknown status".to_owned(),
+    }
+}
+
+/// Where a build's output goes besides the reporter.
+pub struct BuildLog {
+    file: Option<File>,
+}
+
+impl BuildLog {
+    pub fn new(file: Option<File>) -> Self {
+        BuildLog { file }
+    }
+    fn write(&mut self, line: &str) {
+        if let Some(f) = &mut self.file {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// Runs every build step of `svc` in order with `sh -c` in its root, each in its own process
+/// group. Output goes line by line to the reporter and the log. A failing step stops the
+/// build; `cancel` stops it too, killing the running step's whole group.
+pub async fn run_steps(
+    svc: &Service,
+    build_dir: &Path,
+    id: BuildId,
+    reporter: &Arc<Reporter>,
+    log: &mut BuildLog,
+    cancel: &CancellationToken,
+) -> Result<(), BuildFailure> {
+    let count = svc.build.len();
+    for (index, step) in svc.build.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(BuildFailure::Cancelled);
+        }
+        log.write(&format!("$ {step}"));
+        let (status, tail) = run_step(svc, step, build_dir, id, reporter, log, cancel).await?;
+        if !status.success() {
+            log.write(&format!("# failed with {}", describe_status(&status)));
+            return Err(BuildFailure::Step {
+                index,
+                count,
+                step: step.clone(),
+                status,
+                tail,
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn run_step(
+    svc: &Service,
+    step: &str,
+    build_dir: &Path,
+    id: BuildId,
+    reporter: &Arc<Reporter>,
+    log: &mut BuildLog,
+    cancel: &CancellationToken,
+) -> Result<(ExitStatus, Vec<String>), BuildFailure> {
+    let spawn_err = |source| BuildFailure::Spawn {
+        step: step.to_owned(),
+        source,
+    };
+    // One pipe for stdout and stderr keeps their lines in the order they were written.
+    let (reader, writer) = io::pipe().map_err(spawn_err)?;
+    let writer2 = writer.try_clone().map_err(spawn_err)?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(step)
+        .current_dir(&svc.root)
+        .env("PMESH_BUILD_DIR", build_dir)
+        .env("PMESH_BUILD_ID", id.to_string())
+        .env("PMESH_SERVICE", &svc.name)
+        .envs(&svc.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::from(writer2))
+        .process_group(0);
+    let guardian = Guardian::get();
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    // Our copies of the pipe's write end must be gone, or the reader never sees its end.
+    drop(cmd);
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    if let Some(g) = guardian {
+        g.watch(pgid);
+    }
+
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let read_thread = std::thread::spawn(move || {
+        let mut r = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).to_owned();
+                    if lines_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let mut on_line = |line: String| {
+        log.write(&line);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.clone());
+        reporter.emit(&Event::now(&svc.name, EventKind::Output { line }));
+    };
+
+    let mut cancelled = false;
+    let mut status = None;
+    let mut output_open = true;
+    let mut reader_done = false;
+    // A process that left the group (setsid) may hold the output open; it gets a moment to
+    // finish its lines once the step is over, then is no longer waited for.
+    let drain = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(drain);
+    while status.is_none() || output_open {
+        tokio::select! {
+            line = lines_rx.recv(), if output_open => match line {
+                Some(l) => on_line(l),
+                None => {
+                    output_open = false;
+                    reader_done = true;
+                }
+            },
+            _ = &mut drain, if status.is_some() && output_open => output_open = false,
+            s = child.wait(), if status.is_none() => {
+                status = Some(s.map_err(spawn_err)?);
+                drain.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(2));
+                // Whatever the step left in its group goes with it: build steps never
+                // outlive their build. This also ends the output of stragglers.
+                let _ = tokio::task::spawn_blocking(move || {
+                    guardian::stop_groups(&[pgid], Duration::ZERO)
+                })
+                .await;
+            },
+            _ = cancel.cancelled(), if !cancelled && status.is_none() => {
+                cancelled = true;
+                let _ = tokio::task::spawn_blocking(move || {
+                    guardian::stop_groups(&[pgid], CANCEL_GRACE)
+                })
+                .await;
+            },
+        }
+    }
+    if reader_done {
+        let _ = read_thread.join();
+    }
+    if let Some(g) = guardian {
+        g.forget(pgid);
+    }
+    if cancelled {
+        return Err(BuildFailure::Cancelled);
+    }
+    let status = status.ok_or(BuildFailure::Cancelled)?;
+    Ok((status, tail.into_iter().collect()))
+}

@@ -1,0 +1,347 @@
+//! The command line: raw flags, then one step that resolves them against the manifest, then
+//! the command. Errors carry the exit code they end with.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::hash::{self, CacheUse, HashSpec};
+use crate::log::{Format, Reporter};
+use crate::manifest::{self, Manifest};
+use crate::pipeline::{self, Outcome, RollbackError};
+use crate::store::Store;
+
+/// Exit codes.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pmesh-dev",
+    version,
+    about = "Content-hashed builds, archived and flipped into place atomically"
+)]
+pub struct Cli {
+    /// Use this manifest instead of the nearest pmesh.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Hash, build if needed, archive and flip .run (all services, or those named).
+    Build {
+        services: Vec<String>,
+        /// Build even if .run already holds this tree's id.
+        #[arg(long)]
+        force: bool,
+        /// One JSON event per line on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the build id of a service or of any directory.
+    Hash {
+        /// A service name, or a directory to hash with default settings.
+        target: Option<String>,
+        /// Every hashed entry: `<digest>  <path>`, sorted by path.
+        #[arg(long, conflicts_with = "json")]
+        list: bool,
+        /// `{"id": ..., "files": ..., "bytes": ...}`.
+        #[arg(long)]
+        json: bool,
+        /// Where the time went, on stderr.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// List archived builds, newest first, the live one marked.
+    Builds {
+        service: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-point .run at an older build (default: the newest good one older than the live one).
+    Rollback {
+        /// `[SERVICE] [BUILD]`; SERVICE may be left out when there is one service.
+        #[arg(num_args = 0..=2, value_name = "SERVICE|BUILD")]
+        args: Vec<String>,
+    },
+    /// Write a commented starter pmesh.toml here and add pmesh-dev's paths to .gitignore.
+    Init,
+}
+
+/// A command's failure and the exit code it ends with.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: EXIT_FAILED,
+            error: e.into(),
+        }
+    }
+}
+
+/// An error of usage or configuration: exit 2.
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        error: e.into(),
+    }
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+fn load_manifest(explicit: Option<&Path>) -> Result<Manifest> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => manifest::find(&std::env::current_dir()?).map_err(usage)?,
+    };
+    Manifest::load(&path).map_err(usage)
+}
+
+/// Runs the parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let manifest = cli.manifest.as_deref();
+    match cli.command {
+        Command::Build {
+            services,
+            force,
+            json,
+        } => build(manifest, &services, force, json),
+        Command::Hash {
+            target,
+            list,
+            json,
+            stats,
+        } => hash_cmd(manifest, target.as_deref(), list, json, stats),
+        Command::Builds { service, json } => builds(manifest, service.as_deref(), json),
+        Command::Rollback { args } => rollback(manifest, &args),
+        Command::Init => {
+            let msg = crate::init::init(&std::env::current_dir()?).map_err(usage)?;
+            println!("{msg}");
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM; a second one exits at once.
+fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        token.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        std::process::exit(i32::from(EXIT_INTERRUPTED));
+    });
+    Ok(())
+}
+
+fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> Result<u8> {
+    let m = load_manifest(manifest)?;
+    let services: Vec<_> = m
+        .select(names)
+        .map_err(usage)?
+        .into_iter()
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    let format = if json { Format::Json } else { Format::Plain };
+    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
+    let rt = runtime()?;
+    rt.block_on(async {
+        let cancel = CancellationToken::new();
+        cancel_on_signals(cancel.clone())?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for svc in services {
+            let name = svc.name.clone();
+            let fut = pipeline::build(svc, m.path.clone(), force, reporter.clone(), cancel.clone());
+            tasks.spawn(async move { (name, fut.await) });
+        }
+        let mut code = EXIT_OK;
+        while let Some(joined) = tasks.join_next().await {
+            let (name, result) = joined?;
+            let c = match result {
+                Ok(Outcome::Cancelled) => EXIT_INTERRUPTED,
+                Ok(Outcome::Failed { .. }) => EXIT_FAILED,
+                Ok(_) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("error: service `{name}`: {e:#}");
+                    EXIT_FAILED
+                }
+            };
+            code = code.max(c);
+        }
+        Ok(code)
+    })
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
+fn out(bytes: &[u8]) -> Result<()> {
+    match io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+fn hash_cmd(
+    manifest: Option<&Path>,
+    target: Option<&str>,
+    list: bool,
+    json: bool,
+    stats: bool,
+) -> Result<u8> {
+    // A service of the manifest when one is named (or the only one), else a directory.
+    let loaded = match (target, manifest) {
+        (_, Some(p)) => Some(Manifest::load(p).map_err(usage)?),
+        (None, None) => Some(load_manifest(None)?),
+        (Some(_), None) => match manifest::find(&std::env::current_dir()?) {
+            Ok(p) => Some(Manifest::load(&p).map_err(usage)?),
+            Err(_) => None,
+        },
+    };
+    let svc = match (&loaded, target) {
+        (Some(m), Some(t)) if m.services.iter().any(|s| s.name == t) => Some(m.service(t)?),
+        (Some(m), None) => Some(m.one(None).map_err(usage)?),
+        _ => None,
+    };
+    let dir;
+    let tree = match (svc, &loaded) {
+        (Some(svc), Some(m)) => {
+            hash::hash_tree(&HashSpec::service(svc, &m.path), CacheUse::Persist)?
+        }
+        _ => {
+            let t = target.unwrap_or(".");
+            dir = Path::new(t).canonicalize().map_err(|_| {
+                usage(anyhow::anyhow!(
+                    "`{t}` is neither a service of the manifest nor a directory"
+                ))
+            })?;
+            if !dir.is_dir() {
+                return Err(usage(anyhow::anyhow!(
+                    "{} is not a directory",
+                    dir.display()
+                )));
+            }
+            hash::hash_tree(&HashSpec::dir(&dir), CacheUse::None)?
+        }
+    };
+    for w in &tree.warnings {
+        eprintln!("warning: {w}");
+    }
+    if stats {
+        eprintln!("{}", tree.timings);
+    }
+    if list {
+        let mut buf = Vec::with_capacity(tree.entries.len() * 64);
+        for e in &tree.entries {
+            buf.extend_from_slice(format!("{:032x}  ", e.digest).as_bytes());
+            buf.extend_from_slice(&e.path);
+            buf.push(b'\n');
+        }
+        out(&buf)?;
+    } else if json {
+        let v = serde_json::json!({
+            "id": tree.id.to_string(),
+            "files": tree.entries.len(),
+            "bytes": tree.bytes,
+        });
+        out(format!("{v}\n").as_bytes())?;
+    } else {
+        out(format!("{}\n", tree.id).as_bytes())?;
+    }
+    Ok(EXIT_OK)
+}
+
+fn age(t: Option<SystemTime>) -> String {
+    let Some(t) = t else { return "?".to_owned() };
+    let secs = SystemTime::now()
+        .duration_since(t)
+        .map_or(0, |d| d.as_secs());
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86_400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+fn builds(manifest: Option<&Path>, service: Option<&str>, json: bool) -> Result<u8> {
+    let m = load_manifest(manifest)?;
+    let svc = m.one(service).map_err(usage)?;
+    let store = Store::new(&svc.root);
+    let live = store.live();
+    let archives = store.archives()?;
+    if json {
+        let items: Vec<_> = archives
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "name": a.name,
+                    "id": a.id.map(|i| i.to_string()),
+                    "live": live.as_deref() == Some(a.name.as_str()),
+                    "status": a.status().as_str(),
+                    "created": a.created().map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                })
+            })
+            .collect();
+        out(format!("{}\n", serde_json::Value::Array(items)).as_bytes())?;
+        return Ok(EXIT_OK);
+    }
+    if archives.is_empty() {
+        out(format!("{}: no builds yet (run `pmesh-dev build`)\n", svc.name).as_bytes())?;
+        return Ok(EXIT_OK);
+    }
+    let mut s = format!("  {:<29} {:<13} {:<9} STATUS\n", "BUILD", "ID", "AGE");
+    for a in &archives {
+        let is_live = live.as_deref() == Some(a.name.as_str());
+        s.push_str(&format!(
+            "{} {:<29} {:<13} {:<9} {}{}\n",
+            if is_live { "*" } else { " " },
+            a.name,
+            a.id.map_or_else(|| "?".to_owned(), |i| i.short()),
+            age(a.created()),
+            a.status().as_str(),
+            if is_live { "  <- .run" } else { "" }
+        ));
+    }
+    out(s.as_bytes())?;
+    Ok(EXIT_OK)
+}
+
+fn rollback(manifest: Option<&Path>, args: &[String]) -> Result<u8> {
+    let m = load_manifest(manifest)?;
+    let (svc, target) = match args {
+        [] => (m.one(None).map_err(usage)?, None),
+        [one] if m.services.iter().any(|s| s.name == *one) => (m.service(one)?, None),
+        [one] => (m.one(None).map_err(usage)?, Some(one.as_str())),
+        [svc, build, ..] => (m.service(svc).map_err(usage)?, Some(build.as_str())),
+    };
+    let reporter = Reporter::new(Format::Plain, false);
+    match pipeline::rollback(svc, target, &reporter) {
+        Ok(_) => Ok(EXIT_OK),
+        Err(e @ (RollbackError::NoSuchBuild { .. } | RollbackError::Incomplete { .. })) => {
+            Err(usage(e))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

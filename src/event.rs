@@ -1,0 +1,75 @@
+//! Events: everything the engine tells its front ends, and the NDJSON shape scripts rely on.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// One thing that happened to one service.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub service: String,
+    /// RFC 3339, UTC, milliseconds.
+    pub ts: String,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    pub fn now(service: &str, kind: EventKind) -> Event {
+        Event {
+            service: service.to_owned(),
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            kind,
+        }
+    }
+}
+
+/// What happened. The `event` field of the JSON form is the variant's snake_case name.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// `.run` already holds this id; nothing to do.
+    UpToDate {
+        id: String,
+        archive: Option<String>,
+    },
+    /// An archive with this id existed and `.run` now points to it; nothing was built.
+    Reused {
+        id: String,
+        archive: String,
+    },
+    BuildStarted {
+        id: String,
+        changed: Vec<String>,
+    },
+    /// A line a build step printed.
+    Output {
+        line: String,
+    },
+    /// Sent once the archive exists and `.run` points to it (when `ok`).
+    BuildFinished {
+        id: String,
+        ok: bool,
+        duration_ms: u64,
+        archive: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// Old archives deleted by retention.
+    Pruned {
+        removed: Vec<String>,
+    },
+    /// `.run` moved back to an older build.
+    Rollback {
+        from: Option<String>,
+        to: String,
+        id: Option<String>,
+    },
+    /// The build was cancelled (Ctrl-C, SIGTERM or a newer change).
+    Cancelled {
+        id: String,
+    },
+    Warning {
+        message: String,
+    },
+}

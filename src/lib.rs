@@ -1,0 +1,13 @@
+//! pmesh-dev: a filesystem-watching dev server that builds each service into content-addressed
+//! archives and flips a `.run` symlink atomically.
+
+pub mod builder;
+pub mod cli;
+pub mod event;
+pub mod guardian;
+pub mod hash;
+pub mod init;
+pub mod log;
+pub mod manifest;
+pub mod pipeline;
+pub mod store;

@@ -1,0 +1,149 @@
+//! Front ends that print events: plain, readable lines or NDJSON.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+use crate::event::{Event, EventKind};
+
+/// How events are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Plain,
+    Json,
+}
+
+/// Prints events to stdout, one line each; shared by every service's task.
+pub struct Reporter {
+    format: Format,
+    color: bool,
+    /// Prefix lines with the service name (several services in one run).
+    prefix: bool,
+    /// Serialises whole lines from concurrent services.
+    out: Mutex<()>,
+}
+
+const RESET: &str = "\x1b[0m";
+const DIM: &str = "\x1b[2m";
+const RED: &str = "\x1b[31m";
+const GREEN: &str = "\x1b[32m";
+const YELLOW: &str = "\x1b[33m";
+const CYAN: &str = "\x1b[36m";
+
+impl Reporter {
+    pub fn new(format: Format, prefix: bool) -> Reporter {
+        let color = format == Format::Plain
+            && std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        Reporter {
+            format,
+            color,
+            prefix,
+            out: Mutex::new(()),
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("{code}{text}{RESET}")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    /// Prints one event.
+    pub fn emit(&self, e: &Event) {
+        let line = match self.format {
+            Format::Json => match serde_json::to_string(e) {
+                Ok(l) => l,
+                Err(_) => return,
+            },
+            Format::Plain => match self.plain(e) {
+                Some(l) => l,
+                None => return,
+            },
+        };
+        let _guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (a pipe to `head`) is a normal end, not worth a panic.
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    fn plain(&self, e: &Event) -> Option<String> {
+        let short = |id: &str| id.get(..12).unwrap_or(id).to_owned();
+        if let EventKind::Output { line } = &e.kind {
+            return Some(if self.prefix {
+                format!("{} {line}", self.paint(DIM, &format!("{} |", e.service)))
+            } else {
+                line.clone()
+            });
+        }
+        let time = e.ts.get(11..19).unwrap_or("");
+        let head = format!("{} {}", self.paint(DIM, time), self.paint(CYAN, &e.service));
+        let body = match &e.kind {
+            EventKind::UpToDate { id, .. } => format!("up to date ({})", short(id)),
+            EventKind::Reused { id, archive } => {
+                format!("reused {archive} ({}): .run points to it", short(id))
+            }
+            EventKind::BuildStarted { id, changed } => {
+                let mut s = format!("building {}", short(id));
+                match changed.as_slice() {
+                    [] => {}
+                    [one] => s.push_str(&format!(" ({one} changed)")),
+                    many => s.push_str(&format!(
+                        " ({} changed: {}{})",
+                        many.len(),
+                        many[..many.len().min(3)].join(", "),
+                        if many.len() > 3 { ", …" } else { "" }
+                    )),
+                }
+                s
+            }
+            EventKind::BuildFinished {
+                id,
+                ok: true,
+                duration_ms,
+                archive,
+                ..
+            } => self.paint(
+                GREEN,
+                &format!(
+                    "built {} in {} -> {}",
+                    short(id),
+                    human_ms(*duration_ms),
+                    archive.as_deref().unwrap_or("?")
+                ),
+            ),
+            EventKind::BuildFinished { id, error, .. } => self.paint(
+                RED,
+                &format!(
+                    "build {} failed: {}",
+                    short(id),
+                    error.as_deref().unwrap_or("unknown error")
+                ),
+            ),
+            EventKind::Pruned { removed } => {
+                format!("removed old builds: {}", removed.join(", "))
+            }
+            EventKind::Rollback { from, to, .. } => format!(
+                "rolled back: .run -> {to} (was {})",
+                from.as_deref().unwrap_or("nothing")
+            ),
+            EventKind::Cancelled { id } => {
+                self.paint(YELLOW, &format!("build {} cancelled", short(id)))
+            }
+            EventKind::Warning { message } => self.paint(YELLOW, &format!("warning: {message}")),
+            EventKind::Output { .. } => return None,
+        };
+        Some(format!("{head}  {body}"))
+    }
+}
+
+/// `850ms`, `1.2s`, `3m04s`.
+pub fn human_ms(ms: u64) -> String {
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60),
+    }
+}

@@ -1,0 +1,623 @@
+//! `pmesh.toml`: finding it, parsing it, and turning it into checked [`Service`] configs.
+//!
+//! Code past [`Manifest::load`] never sees an unvalidated value: durations are `Duration`s,
+//! roots are existing absolute directories, ports are in range.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use toml::Spanned;
+
+/// The manifest's file name, looked for in the current directory and its parents.
+pub const MANIFEST_NAME: &str = "pmesh.toml";
+
+/// A loaded and validated manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Absolute path of the manifest file.
+    pub path: PathBuf,
+    /// The directory holding the manifest; relative paths resolve against it.
+    pub dir: PathBuf,
+    /// Services in the order the manifest lists them.
+    pub services: Vec<Service>,
+}
+
+/// One service, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    /// Absolute, canonical service root.
+    pub root: PathBuf,
+    /// The directory whose ignore files apply first: the manifest's directory when the root is
+    /// inside it, else the root itself.
+    pub ignore_root: PathBuf,
+    /// Build steps, each run with `sh -c` in `root`.
+    pub build: Vec<String>,
+    /// The run command, run with `sh -c` in `root`.
+    pub run: Option<String>,
+    /// Extra environment for build steps and the run command.
+    pub env: BTreeMap<String, String>,
+    /// Where the proxy listens.
+    pub listen: Option<SocketAddr>,
+    pub health: Health,
+    pub ready_timeout: Duration,
+    pub stop_timeout: Duration,
+    /// Archives kept in all, the live one included.
+    pub keep: usize,
+    /// Extra gitignore-style patterns, relative to `root`.
+    pub ignore: Vec<String>,
+    /// Quiet time after the last change before hashing.
+    pub debounce: Duration,
+}
+
+/// How an instance is judged healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// A TCP connect to the instance's port succeeds.
+    Tcp,
+    /// `GET path` answers 2xx or 3xx.
+    Get(String),
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Health::Tcp => f.write_str("tcp"),
+            Health::Get(p) => write!(f, "GET {p}"),
+        }
+    }
+}
+
+/// Why a manifest could not be used. Every variant's message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "no {MANIFEST_NAME} in {} or any parent directory (write one with `pmesh-dev init`)",
+        .0.display()
+    )]
+    NotFound(PathBuf),
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A located problem, already rendered with the file, line, column and the line's text.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{file}: no service named `{name}` (services: {known})")]
+    UnknownService {
+        file: String,
+        name: String,
+        known: String,
+    },
+}
+
+const SERVICE_KEYS: &[&str] = &[
+    "root",
+    "build",
+    "run",
+    "env",
+    "listen",
+    "health",
+    "ready_timeout",
+    "stop_timeout",
+    "keep",
+    "ignore",
+    "debounce",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    services: BTreeMap<Spanned<String>, Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    root: Option<Spanned<String>>,
+    #[serde(default)]
+    build: Option<Spanned<Steps>>,
+    run: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    listen: Option<Listen>,
+    health: Option<Health>,
+    ready_timeout: Option<Dur>,
+    stop_timeout: Option<Dur>,
+    keep: Option<Keep>,
+    #[serde(default)]
+    ignore: Vec<Spanned<String>>,
+    debounce: Option<Dur>,
+}
+
+/// `build` as one string or a list of strings.
+struct Steps(Vec<String>);
+
+impl<'de> Deserialize<'de> for Steps {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Steps;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a command string or a list of command strings")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Steps, E> {
+                Ok(Steps(vec![s.to_owned()]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Steps, A::Error> {
+                let mut steps = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    steps.push(s);
+                }
+                Ok(Steps(steps))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written like `50ms`, `30s`, `2m` or `1h`.
+#[derive(Clone, Copy)]
+struct Dur(Duration);
+
+/// Parses `50ms`, `30s`, `2m`, `1h` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "invalid duration `{s}`: write a whole number and a unit, like `50ms`, `30s` or `2m`"
+        )
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    };
+    Ok(d)
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration string like \"50ms\", \"30s\" or \"2m\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                parse_duration(s).map(Dur).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{n}ms\" or \"{n}s\""
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `listen`: a port (loopback) or `"ADDR:PORT"`.
+struct Listen(SocketAddr);
+
+fn port(n: i64) -> Result<u16, String> {
+    match u16::try_from(n) {
+        Ok(p) if p >= 1 => Ok(p),
+        _ => Err(format!("port {n} is out of range: use 1-65535")),
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Listen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number (1-65535) or an \"ADDRESS:PORT\" string")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Listen, E> {
+                let p = port(n).map_err(E::custom)?;
+                Ok(Listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Listen, E> {
+                if let Ok(n) = s.parse::<i64>() {
+                    return self.visit_i64(n);
+                }
+                let addr: SocketAddr = s.parse().map_err(|_| {
+                    E::custom(format!(
+                        "invalid listen address `{s}`: write a port like 8080 or \"ADDRESS:PORT\""
+                    ))
+                })?;
+                port(i64::from(addr.port())).map_err(E::custom)?;
+                Ok(Listen(addr))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Health {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Health::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+impl Health {
+    /// Parses `tcp` or `GET /path`.
+    pub fn parse(s: &str) -> Result<Health, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("tcp") {
+            return Ok(Health::Tcp);
+        }
+        if let Some(path) = t.strip_prefix("GET ") {
+            let path = path.trim();
+            if path.starts_with('/') && !path.contains(char::is_whitespace) {
+                return Ok(Health::Get(path.to_owned()));
+            }
+        }
+        Err(format!(
+            "invalid health check `{s}`: write \"tcp\" or \"GET /path\""
+        ))
+    }
+}
+
+/// `keep`: at least one archive.
+struct Keep(usize);
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if n < 1 {
+            return Err(de::Error::custom(format!(
+                "keep = {n} would delete the live build: it must be at least 1"
+            )));
+        }
+        Ok(Keep(usize::try_from(n).unwrap_or(usize::MAX)))
+    }
+}
+
+/// Finds `pmesh.toml` in `start` or the nearest parent that has one.
+pub fn find(start: &Path) -> Result<PathBuf, ManifestError> {
+    let mut dir = Some(start);
+    while let Some(d) = dir {
+        let candidate = d.join(MANIFEST_NAME);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent();
+    }
+    Err(ManifestError::NotFound(start.to_path_buf()))
+}
+
+impl Manifest {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Manifest::parse(&path, &src)
+    }
+
+    /// Validates manifest text `src` that was read from `path`.
+    pub fn parse(path: &Path, src: &str) -> Result<Manifest, ManifestError> {
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = dir.canonicalize().unwrap_or(dir);
+        let located = |span: Range<usize>, msg: &str| {
+            ManifestError::Invalid(render_located(path, src, span, msg))
+        };
+        let raw: RawManifest = toml::from_str(src).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            located(span, &friendly_message(e.message()))
+        })?;
+        if raw.services.is_empty() {
+            return Err(located(
+                0..0,
+                "no services: add a table like [services.web] with at least `build` or `run`",
+            ));
+        }
+        let mut raw_services: Vec<_> = raw.services.into_iter().collect();
+        raw_services.sort_by_key(|(k, _)| k.span().start);
+
+        let mut services = Vec::with_capacity(raw_services.len());
+        for (name, raw) in raw_services {
+            let name_span = name.span();
+            let name = name.into_inner();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(located(
+                    name_span,
+                    &format!(
+                        "invalid service name `{name}`: use only letters, digits, `_` and `-`"
+                    ),
+                ));
+            }
+            let raw_span = raw.span();
+            let raw = raw.into_inner();
+            let (root_text, root_span) = match &raw.root {
+                Some(r) => (r.get_ref().clone(), r.span()),
+                None => (name.clone(), name_span.clone()),
+            };
+            let joined = dir.join(&root_text);
+            let root = match joined.canonicalize() {
+                Ok(r) if r.is_dir() => r,
+                Ok(r) => {
+                    return Err(located(
+                        root_span,
+                        &format!(
+                            "service `{name}`: root `{root_text}` is not a directory (resolved to {})",
+                            r.display()
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(located(
+                        root_span,
+                        &format!(
+                            "service `{name}`: root `{root_text}` does not exist (resolved to {})",
+                            joined.display()
+                        ),
+                    ));
+                }
+            };
+            let build = raw.build.map(|b| (b.span(), b.into_inner().0));
+            if let Some((span, steps)) = &build
+                && steps.iter().any(|s| s.trim().is_empty())
+            {
+                return Err(located(
+                    span.clone(),
+                    &format!("service `{name}`: a build step is empty"),
+                ));
+            }
+            let build = build.map(|(_, s)| s).unwrap_or_default();
+            let run = match raw.run {
+                Some(r) if r.get_ref().trim().is_empty() => {
+                    return Err(located(
+                        r.span(),
+                        &format!("service `{name}`: `run` is empty"),
+                    ));
+                }
+                Some(r) => Some(r.into_inner()),
+                None => None,
+            };
+            if build.is_empty() && run.is_none() {
+                return Err(located(
+                    raw_span,
+                    &format!("service `{name}` has neither `build` nor `run`"),
+                ));
+            }
+            let mut env = BTreeMap::new();
+            for (k, v) in raw.env {
+                let span = k.span();
+                let k = k.into_inner();
+                if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                    return Err(located(
+                        span,
+                        &format!("service `{name}`: invalid environment variable name `{k}`"),
+                    ));
+                }
+                env.insert(k, v);
+            }
+            let mut ignore = Vec::with_capacity(raw.ignore.len());
+            for pat in raw.ignore {
+                let mut b = ignore::gitignore::GitignoreBuilder::new(&root);
+                if let Err(e) = b.add_line(None, pat.get_ref()) {
+                    return Err(located(
+                        pat.span(),
+                        &format!("service `{name}`: invalid ignore pattern: {e}"),
+                    ));
+                }
+                ignore.push(pat.into_inner());
+            }
+            if let Some(other) = services.iter().find(|s: &&Service| s.root == root) {
+                return Err(located(
+                    root_span,
+                    &format!(
+                        "services `{}` and `{name}` share the root {}: each service needs its own",
+                        other.name,
+                        root.display()
+                    ),
+                ));
+            }
+            let ignore_root = if root.starts_with(&dir) {
+                dir.clone()
+            } else {
+                root.clone()
+            };
+            services.push(Service {
+                name,
+                ignore_root,
+                root,
+                build,
+                run,
+                env,
+                listen: raw.listen.map(|l| l.0),
+                health: raw.health.unwrap_or(Health::Tcp),
+                ready_timeout: raw.ready_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                stop_timeout: raw.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
+                keep: raw.keep.map_or(2, |k| k.0),
+                ignore,
+                debounce: raw.debounce.map_or(Duration::from_millis(50), |d| d.0),
+            });
+        }
+        Ok(Manifest {
+            path: path.to_path_buf(),
+            dir,
+            services,
+        })
+    }
+
+    /// The services named, in manifest order, or all of them when `names` is empty.
+    pub fn select(&self, names: &[String]) -> Result<Vec<&Service>, ManifestError> {
+        if names.is_empty() {
+            return Ok(self.services.iter().collect());
+        }
+        names.iter().map(|n| self.service(n)).collect()
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Result<&Service, ManifestError> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ManifestError::UnknownService {
+                file: self.path.display().to_string(),
+                name: name.to_owned(),
+                known: self
+                    .services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The one service, or `name`'s; an error that lists them when there are several.
+    pub fn one(&self, name: Option<&str>) -> Result<&Service, ManifestError> {
+        match (name, self.services.as_slice()) {
+            (Some(n), _) => self.service(n),
+            (None, [only]) => Ok(only),
+            (None, all) => Err(ManifestError::Invalid(format!(
+                "{} has {} services: name one of {}",
+                self.path.display(),
+                all.len(),
+                all.iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+/// Turns serde's wording into the manifest's: keys, not fields, with a suggestion.
+fn friendly_message(msg: &str) -> String {
+    let msg = msg.trim_end();
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        let names: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+        if let Some((unknown, expected)) = names.split_first() {
+            let mut out = format!("unknown key `{unknown}`");
+            let expected: Vec<&str> = if expected.is_empty() {
+                SERVICE_KEYS.to_vec()
+            } else {
+                expected.to_vec()
+            };
+            if let Some(s) = suggest(unknown, &expected) {
+                out.push_str(&format!("; did you mean `{s}`?"));
+            } else {
+                out.push_str(&format!("; known keys: {}", expected.join(", ")));
+            }
+            return out;
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        return format!("wrong type: {rest}");
+    }
+    msg.to_owned()
+}
+
+/// The candidate closest to `word`, if it is close enough to be a typo.
+fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// `file:line:col: msg` followed by the offending line and a caret under the span.
+pub fn render_located(path: &Path, src: &str, span: Range<usize>, msg: &str) -> String {
+    let start = span.start.min(src.len());
+    let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = src[start..].find('\n').map_or(src.len(), |i| start + i);
+    let line_no = src[..start].matches('\n').count() + 1;
+    let col = src[line_start..start].chars().count() + 1;
+    let text = &src[line_start..line_end];
+    let width = src[start..span.end.clamp(start, line_end)]
+        .chars()
+        .count()
+        .max(1);
+    let gutter = line_no.to_string().len();
+    format!(
+        "{}:{line_no}:{col}: {msg}\n{:gutter$} |\n{line_no} | {text}\n{:gutter$} | {}{}",
+        path.display(),
+        "",
+        "",
+        " ".repeat(col - 1),
+        "^".repeat(width),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5 seconds").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("1.5s").is_err());
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("lisen", SERVICE_KEYS), Some("listen"));
+        assert_eq!(suggest("biuld", SERVICE_KEYS), Some("build"));
+        assert_eq!(suggest("zzzzzzz", SERVICE_KEYS), None);
+    }
+
+    #[test]
+    fn health() {
+        assert_eq!(Health::parse("tcp"), Ok(Health::Tcp));
+        assert_eq!(
+            Health::parse("GET /healthz"),
+            Ok(Health::Get("/healthz".into()))
+        );
+        assert!(Health::parse("POST /x").is_err());
+        assert!(Health::parse("GET healthz").is_err());
+    }
+
+    #[test]
+    fn location_points_at_the_span() {
+        let src = "[services.web]\nlisen = 1\n";
+        let out = render_located(Path::new("p.toml"), src, 15..20, "bad");
+        assert_eq!(out, "p.toml:2:1: bad\n  |\n2 | lisen = 1\n  | ^^^^^");
+    }
+}

@@ -1,0 +1,200 @@
+//! One service's trip through the builder: hash, compare with `.run`, reuse an archive or
+//! build, archive, flip `.run`, prune. Shared by `build` and (later) the watch engine.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::builder::{self, BuildFailure, BuildLog};
+use crate::event::{Event, EventKind};
+use crate::hash::{self, BuildId, CacheUse, HashSpec};
+use crate::log::Reporter;
+use crate::manifest::Service;
+use crate::store::{Status, Store};
+
+/// Unreferenced logs (of failed or cancelled builds) kept per service.
+const KEEP_ORPHAN_LOGS: usize = 20;
+
+/// How a build request ended. Errors of the file system are `Err`; a failed build is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    UpToDate(BuildId),
+    Reused { id: BuildId, archive: String },
+    Built { id: BuildId, archive: String },
+    Failed { id: BuildId },
+    Cancelled,
+}
+
+/// Builds `svc` if its tree's id differs from the live one (always, with `force`).
+pub async fn build(
+    svc: Arc<Service>,
+    manifest_path: PathBuf,
+    force: bool,
+    reporter: Arc<Reporter>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
+    let store = Store::new(&svc.root);
+    let _lock = store.lock("pmesh-dev build")?;
+    store.recover()?;
+
+    let tree = {
+        let svc = svc.clone();
+        tokio::task::spawn_blocking(move || {
+            hash::hash_tree(&HashSpec::service(&svc, &manifest_path), CacheUse::Persist)
+        })
+        .await
+        .context("the hashing task failed")??
+    };
+    for message in tree.warnings {
+        emit(EventKind::Warning { message });
+    }
+    if cancel.is_cancelled() {
+        return Ok(Outcome::Cancelled);
+    }
+    let id = tree.id;
+    if !force {
+        if store.live_id() == Some(id) {
+            emit(EventKind::UpToDate {
+                id: id.to_string(),
+                archive: store.live(),
+            });
+            return Ok(Outcome::UpToDate(id));
+        }
+        if let Some(a) = store.reusable(id)? {
+            store.point_run(&a.name)?;
+            emit(EventKind::Reused {
+                id: id.to_string(),
+                archive: a.name.clone(),
+            });
+            prune(&store, &svc, &reporter)?;
+            return Ok(Outcome::Reused {
+                id,
+                archive: a.name,
+            });
+        }
+    }
+
+    emit(EventKind::BuildStarted {
+        id: id.to_string(),
+        changed: tree.changed,
+    });
+    let started = Instant::now();
+    let build_dir = store.begin(id)?;
+    let (log_path, log_name) = store.new_log()?;
+    let mut log = BuildLog::new(File::create(&log_path).ok());
+    let result = builder::run_steps(&svc, &build_dir, id, &reporter, &mut log, &cancel).await;
+    let duration = started.elapsed();
+    let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    match result {
+        Ok(()) => {
+            let archive = store.commit(id, duration, Some(log_name))?;
+            store.point_run(&archive.name)?;
+            emit(EventKind::BuildFinished {
+                id: id.to_string(),
+                ok: true,
+                duration_ms,
+                archive: Some(archive.name.clone()),
+                error: None,
+            });
+            prune(&store, &svc, &reporter)?;
+            Ok(Outcome::Built {
+                id,
+                archive: archive.name,
+            })
+        }
+        Err(BuildFailure::Cancelled) => {
+            store.discard_build()?;
+            emit(EventKind::Cancelled { id: id.to_string() });
+            Ok(Outcome::Cancelled)
+        }
+        Err(e) => {
+            store.discard_build()?;
+            emit(EventKind::BuildFinished {
+                id: id.to_string(),
+                ok: false,
+                duration_ms,
+                archive: None,
+                error: Some(e.to_string()),
+            });
+            let _ = store.prune_logs(KEEP_ORPHAN_LOGS);
+            Ok(Outcome::Failed { id })
+        }
+    }
+}
+
+fn prune(store: &Store, svc: &Service, reporter: &Reporter) -> anyhow::Result<()> {
+    let removed = store.retain(svc.keep, &[])?;
+    if !removed.is_empty() {
+        reporter.emit(&Event::now(&svc.name, EventKind::Pruned { removed }));
+    }
+    store.prune_logs(KEEP_ORPHAN_LOGS)?;
+    Ok(())
+}
+
+/// Why a rollback did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error(
+        "service `{service}`: no build named `{name}` in {root} (`pmesh-dev builds {service}` lists them)"
+    )]
+    NoSuchBuild {
+        service: String,
+        name: String,
+        root: String,
+    },
+    #[error("service `{service}`: {name} has no valid .buildid, so it is not a complete build")]
+    Incomplete { service: String, name: String },
+    #[error("service `{0}`: there is no older good build to roll back to")]
+    NothingOlder(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Re-points `.run` at archive `target`, or by default at the newest good archive older than
+/// the live one. Returns the archive now live.
+pub fn rollback(
+    svc: &Service,
+    target: Option<&str>,
+    reporter: &Reporter,
+) -> Result<String, RollbackError> {
+    let store = Store::new(&svc.root);
+    let _lock = store.lock("pmesh-dev rollback")?;
+    store.recover()?;
+    let live = store.live();
+    let archive = match target {
+        Some(name) => store
+            .archive(name)
+            .ok_or_else(|| RollbackError::NoSuchBuild {
+                service: svc.name.clone(),
+                name: name.to_owned(),
+                root: svc.root.display().to_string(),
+            })?,
+        None => store
+            .archives()?
+            .into_iter()
+            .filter(|a| a.status() == Status::Ok && a.id.is_some())
+            .find(|a| live.as_ref().is_none_or(|l| a.name < *l))
+            .ok_or_else(|| RollbackError::NothingOlder(svc.name.clone()))?,
+    };
+    if archive.id.is_none() {
+        return Err(RollbackError::Incomplete {
+            service: svc.name.clone(),
+            name: archive.name,
+        });
+    }
+    store.point_run(&archive.name)?;
+    reporter.emit(&Event::now(
+        &svc.name,
+        EventKind::Rollback {
+            from: live,
+            to: archive.name.clone(),
+            id: archive.id.map(|i| i.to_string()),
+        },
+    ));
+    Ok(archive.name)
+}
