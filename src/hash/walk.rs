@@ -393,9 +393,7 @@ impl<'a> Walker<'a> {
         let mut entries = Vec::with_capacity(raw.len());
         for (name, ty) in raw {
             let child = abs.join(std::ffi::OsStr::from_bytes(&name));
-            if self.exclude.contains(&child)
-                || level.is_ignored(&child, ty == EntryType::Dir)
-            {
+            if self.exclude.contains(&child) || level.is_ignored(&child, ty == EntryType::Dir) {
                 continue;
             }
             entries.push((name, ty));

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, one module per area. Each test gets a fresh temporary
+//! directory and runs the real `pmesh-dev` binary.
+
+mod util;
+
+mod build;
+mod hash;
+mod manifest;

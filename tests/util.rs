@@ -1,0 +1,214 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A fresh temporary directory that is removed when dropped.
+pub struct Tmp {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Tmp {
+    fn default() -> Self {
+        Tmp::new()
+    }
+}
+
+impl Tmp {
+    pub fn new() -> Tmp {
+        Tmp {
+            dir: tempfile::tempdir().expect("create temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `rel` below the directory.
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes `content` to `rel`, creating parent directories.
+    pub fn write(&self, rel: &str, content: &str) -> PathBuf {
+        let p = self.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).expect("create parent");
+        }
+        fs::write(&p, content).expect("write file");
+        p
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    pub fn chmod(&self, rel: &str, mode: u32) {
+        fs::set_permissions(self.join(rel), fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// A `pmesh-dev` command run in this directory, with a clean environment for colours.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .current_dir(self.path())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `pmesh-dev args` here and returns its output.
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run(self.cmd(args).output().expect("run pmesh-dev"))
+    }
+}
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pmesh-dev")
+}
+
+/// A finished run of the binary.
+pub struct Run(pub Output);
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    /// Panics with both streams unless the exit code is `code`.
+    pub fn expect_code(self, code: i32) -> Run {
+        assert_eq!(
+            self.code(),
+            code,
+            "expected exit {code}, got {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code(),
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+    pub fn ok(self) -> Run {
+        self.expect_code(0)
+    }
+    /// The stdout lines parsed as JSON.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect()
+    }
+}
+
+/// Where `.run` points, relative.
+pub fn run_target(root: &Path) -> Option<String> {
+    fs::read_link(root.join(".run"))
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned())
+}
+
+/// Archive names in `root`, oldest first.
+pub fn archives(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root)
+        .expect("list root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".build-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts `.run` leads to a complete build: an archive whose `.buildid` is a valid id.
+pub fn assert_run_sound(root: &Path) -> String {
+    let target = run_target(root).expect(".run is a symlink");
+    assert!(target.starts_with(".build-"), ".run -> {target}");
+    let id = fs::read_to_string(root.join(".run/.buildid"))
+        .unwrap_or_else(|e| panic!(".run -> {target} has no .buildid: {e}"));
+    assert_eq!(id.trim().len(), 32, "bad .buildid {id:?}");
+    target
+}
+
+/// Copies the bundled demo (`fixtures/`) into `dest`.
+pub fn copy_fixtures(dest: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    copy_dir(&src, dest);
+}
+
+fn copy_dir(src: &Path, dest: &Path) {
+    fs::create_dir_all(dest).expect("create dest");
+    for e in fs::read_dir(src).expect("list fixtures").flatten() {
+        let name = e.file_name();
+        let n = name.to_string_lossy();
+        if n.starts_with(".build") || n == ".run" || n == ".pmesh" {
+            continue;
+        }
+        let to = dest.join(&name);
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            fs::copy(e.path(), &to).expect("copy file");
+        }
+    }
+}
+
+/// A tiny manifest with one service `app` at `app/` and these build steps.
+pub fn one_service(t: &Tmp, steps: &[&str], extra: &str) {
+    let steps: Vec<String> = steps.iter().map(|s| format!("{s:?}")).collect();
+    t.write(
+        "pmesh.toml",
+        &format!("[services.app]\nbuild = [{}]\n{extra}\n", steps.join(", ")),
+    );
+    fs::create_dir_all(t.join("app")).expect("create app");
+}
+
+/// Whether any process whose command line contains `marker` is alive.
+pub fn process_alive(marker: &str) -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmdline) = fs::read(p.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) {
+                // A zombie has finished; only living processes count.
+                let stat = fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                if !state.starts_with('Z') {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Waits up to `secs` for `cond`, polling.
+pub fn wait_for(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cond()
+}
