@@ -37,6 +37,19 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Watch services (all, or those named): build at start if needed, then after every change.
+    Watch {
+        services: Vec<String>,
+        /// Plain lines instead of the terminal UI (the only front end so far).
+        #[arg(long)]
+        no_tui: bool,
+        /// One JSON event per line on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Poll the trees instead of using inotify (network or virtual filesystems).
+        #[arg(long)]
+        poll: bool,
+    },
     /// Hash, build if needed, archive and flip .run (all services, or those named).
     Build {
         services: Vec<String>,
@@ -115,6 +128,12 @@ fn load_manifest(explicit: Option<&Path>) -> Result<Manifest> {
 pub fn run(cli: Cli) -> Result<u8> {
     let manifest = cli.manifest.as_deref();
     match cli.command {
+        Command::Watch {
+            services,
+            no_tui: _,
+            json,
+            poll,
+        } => watch(manifest, &services, json, poll),
         Command::Build {
             services,
             force,
@@ -140,6 +159,49 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+fn watch(manifest: Option<&Path>, names: &[String], json: bool, poll: bool) -> Result<u8> {
+    let m = load_manifest(manifest)?;
+    let services: Vec<_> = m
+        .select(names)
+        .map_err(usage)?
+        .into_iter()
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    let format = if json { Format::Json } else { Format::Plain };
+    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
+    let opts = crate::engine::WatchOptions { poll };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        cancel_on_signals(shutdown.clone())?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for svc in services {
+            let name = svc.name.clone();
+            let fut = crate::engine::run(
+                svc,
+                m.path.clone(),
+                opts,
+                reporter.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move { (name, fut.await) });
+        }
+        let mut code = EXIT_OK;
+        while let Some(joined) = tasks.join_next().await {
+            let (name, result) = joined?;
+            if let Err(e) = result {
+                eprintln!("error: service `{name}`: {e:#}");
+                code = EXIT_FAILED;
+                // One service that cannot be watched stops the whole watch: a partial one
+                // would look like it works.
+                shutdown.cancel();
+            }
+        }
+        Ok(code)
+    })
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM; a second one exits at once.

@@ -28,6 +28,23 @@ impl Event {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
+    /// The service's tree is watched; `mode` is `inotify` or `poll`.
+    Watching {
+        files: usize,
+        dirs: usize,
+        mode: String,
+        startup_ms: u64,
+    },
+    /// The whole tree is looked at again (lost events, ignore rules edited).
+    Rescan {
+        reason: String,
+    },
+    /// Builds kept triggering themselves by writing into the watched tree; rebuilding is
+    /// paused until another file changes.
+    LoopDetected {
+        paths: Vec<String>,
+        patterns: Vec<String>,
+    },
     /// `.run` already holds this id; nothing to do.
     UpToDate {
         id: String,

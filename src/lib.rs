@@ -3,6 +3,7 @@
 
 pub mod builder;
 pub mod cli;
+pub mod engine;
 pub mod event;
 pub mod guardian;
 pub mod hash;
@@ -11,3 +12,4 @@ pub mod log;
 pub mod manifest;
 pub mod pipeline;
 pub mod store;
+pub mod watch;

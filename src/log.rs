@@ -81,6 +81,25 @@ impl Reporter {
         let time = e.ts.get(11..19).unwrap_or("");
         let head = format!("{} {}", self.paint(DIM, time), self.paint(CYAN, &e.service));
         let body = match &e.kind {
+            EventKind::Watching {
+                files,
+                dirs,
+                mode,
+                startup_ms,
+            } => format!(
+                "watching {files} files in {dirs} directories ({mode}, ready in {})",
+                human_ms(*startup_ms)
+            ),
+            EventKind::Rescan { reason } => format!("looking at the whole tree again: {reason}"),
+            EventKind::LoopDetected { paths, patterns } => self.paint(
+                RED,
+                &format!(
+                    "stopped rebuilding: each build writes into its own watched tree ({}). \
+                     Ignore those files, e.g. add to .gitignore or the manifest's `ignore`: {}",
+                    paths.join(", "),
+                    patterns.join(" ")
+                ),
+            ),
             EventKind::UpToDate { id, .. } => format!("up to date ({})", short(id)),
             EventKind::Reused { id, archive } => {
                 format!("reused {archive} ({}): .run points to it", short(id))

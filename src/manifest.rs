@@ -54,6 +54,9 @@ pub struct Service {
     pub ignore: Vec<String>,
     /// Quiet time after the last change before hashing.
     pub debounce: Duration,
+    /// Look at the tree at this interval instead of using inotify (network or virtual
+    /// filesystems).
+    pub poll: Option<Duration>,
 }
 
 /// How an instance is judged healthy.
@@ -110,6 +113,7 @@ const SERVICE_KEYS: &[&str] = &[
     "keep",
     "ignore",
     "debounce",
+    "poll",
 ];
 
 #[derive(Deserialize)]
@@ -136,7 +140,36 @@ struct RawService {
     #[serde(default)]
     ignore: Vec<Spanned<String>>,
     debounce: Option<Dur>,
+    poll: Option<Poll>,
 }
+
+/// `poll`: `true` (every second), `false`, or an interval like `"500ms"`.
+struct Poll(Option<Duration>);
+
+impl<'de> Deserialize<'de> for Poll {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Poll;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false or an interval like \"500ms\"")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Poll, E> {
+                Ok(Poll(b.then_some(DEFAULT_POLL)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Poll, E> {
+                match parse_duration(s).map_err(E::custom)? {
+                    d if d.is_zero() => Err(E::custom("a poll interval must be above zero")),
+                    d => Ok(Poll(Some(d))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How often a polled tree is looked at when `poll = true` or `--poll`.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
 
 /// `build` as one string or a list of strings.
 struct Steps(Vec<String>);
@@ -456,6 +489,7 @@ impl Manifest {
                 keep: raw.keep.map_or(2, |k| k.0),
                 ignore,
                 debounce: raw.debounce.map_or(Duration::from_millis(50), |d| d.0),
+                poll: raw.poll.and_then(|p| p.0),
             });
         }
         Ok(Manifest {

@@ -29,7 +29,8 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Builds `svc` if its tree's id differs from the live one (always, with `force`).
+/// Builds `svc` if its tree's id differs from the live one (always, with `force`): the
+/// one-shot `pmesh-dev build`. Takes the root's lock for the duration.
 pub async fn build(
     svc: Arc<Service>,
     manifest_path: PathBuf,
@@ -37,7 +38,6 @@ pub async fn build(
     reporter: Arc<Reporter>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Outcome> {
-    let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev build")?;
     store.recover()?;
@@ -51,12 +51,35 @@ pub async fn build(
         .context("the hashing task failed")??
     };
     for message in tree.warnings {
-        emit(EventKind::Warning { message });
+        reporter.emit(&Event::now(&svc.name, EventKind::Warning { message }));
     }
     if cancel.is_cancelled() {
         return Ok(Outcome::Cancelled);
     }
-    let id = tree.id;
+    build_id(
+        &svc,
+        &store,
+        tree.id,
+        tree.changed,
+        force,
+        &reporter,
+        &cancel,
+    )
+    .await
+}
+
+/// Makes `.run` hold build `id` of `svc`: nothing if it already does (unless `force`), a
+/// re-point if a good archive has it, else a build. The caller holds the store's lock.
+pub async fn build_id(
+    svc: &Service,
+    store: &Store,
+    id: BuildId,
+    changed: Vec<String>,
+    force: bool,
+    reporter: &Arc<Reporter>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
     if !force {
         if store.live_id() == Some(id) {
             emit(EventKind::UpToDate {
@@ -71,7 +94,7 @@ pub async fn build(
                 id: id.to_string(),
                 archive: a.name.clone(),
             });
-            prune(&store, &svc, &reporter)?;
+            prune(store, svc, reporter)?;
             return Ok(Outcome::Reused {
                 id,
                 archive: a.name,
@@ -81,13 +104,13 @@ pub async fn build(
 
     emit(EventKind::BuildStarted {
         id: id.to_string(),
-        changed: tree.changed,
+        changed,
     });
     let started = Instant::now();
     let build_dir = store.begin(id)?;
     let (log_path, log_name) = store.new_log()?;
     let mut log = BuildLog::new(File::create(&log_path).ok());
-    let result = builder::run_steps(&svc, &build_dir, id, &reporter, &mut log, &cancel).await;
+    let result = builder::run_steps(svc, &build_dir, id, reporter, &mut log, cancel).await;
     let duration = started.elapsed();
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     match result {
@@ -101,7 +124,7 @@ pub async fn build(
                 archive: Some(archive.name.clone()),
                 error: None,
             });
-            prune(&store, &svc, &reporter)?;
+            prune(store, svc, reporter)?;
             Ok(Outcome::Built {
                 id,
                 archive: archive.name,

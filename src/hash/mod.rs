@@ -1,6 +1,7 @@
 //! The tree hash: which files make up a service, their digests, and the build id.
 
 pub mod cache;
+pub mod live;
 pub mod rules;
 mod walk;
 
@@ -15,6 +16,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::manifest::Service;
 pub use cache::DigestCache;
+pub use live::LiveTree;
 pub use walk::{Stats, kind_of_mode};
 
 /// Mixed into every build id; bump it when the entry encoding changes.
@@ -207,14 +209,13 @@ pub fn hash_tree(spec: &HashSpec, cache_use: CacheUse) -> Result<TreeHash, HashE
     timings.load = t.elapsed();
 
     let t = Instant::now();
-    let top = rules::Level::top(spec.ignore_root, spec.root, spec.ignore);
-    let out = walk::Walker::new(spec.root, &old, &spec.exclude, &timings.stats).run(top)?;
+    let out = full_walk(spec, &old, &timings.stats)?;
     timings.walk = t.elapsed();
 
     let t = Instant::now();
     let mut entries = out.entries;
     entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    let id = build_id(spec.recipe, &entries);
+    let id = build_id(spec.recipe, entries.iter());
     let bytes = entries.iter().map(|e| e.size).sum();
     let changed = changed_paths(&old, &entries);
     timings.id = t.elapsed();
@@ -234,6 +235,16 @@ pub fn hash_tree(spec: &HashSpec, cache_use: CacheUse) -> Result<TreeHash, HashE
         changed,
         timings,
     })
+}
+
+/// Walks the whole tree of `spec`, trusting `old` where the racy rule allows.
+fn full_walk(
+    spec: &HashSpec,
+    old: &DigestCache,
+    stats: &Stats,
+) -> Result<walk::WalkOutput, HashError> {
+    let top = rules::Level::top(spec.ignore_root, spec.root, spec.ignore);
+    walk::Walker::new(spec.root, old, &spec.exclude, stats).run(top)
 }
 
 /// Paths whose digest differs from the cache's, and cached paths that are gone.
@@ -258,8 +269,11 @@ fn changed_paths(old: &DigestCache, entries: &[Entry]) -> Vec<String> {
     changed
 }
 
-/// The build id of sorted `entries` built by `recipe`.
-pub fn build_id(recipe: Option<Recipe>, entries: &[Entry]) -> BuildId {
+/// The build id of `entries`, sorted by path, built by `recipe`.
+pub fn build_id<'e>(
+    recipe: Option<Recipe>,
+    entries: impl ExactSizeIterator<Item = &'e Entry>,
+) -> BuildId {
     fn field(h: &mut Xxh3, b: &[u8]) {
         h.update(&(b.len() as u64).to_le_bytes());
         h.update(b);

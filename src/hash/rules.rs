@@ -95,9 +95,12 @@ impl Level {
     /// its ignore files that exist.
     pub fn child(parent: &Arc<Level>, dir: PathBuf, digests: [Option<u128>; 2]) -> Arc<Level> {
         let present = [digests[0].is_some(), digests[1].is_some()];
-        let fingerprint = if present == [false, false] {
-            parent.fingerprint
-        } else {
+        if present == [false, false] {
+            // No rules of its own: the parent's rules are this directory's, and sharing them
+            // keeps one small allocation per ignore file instead of one per directory.
+            return parent.clone();
+        }
+        let fingerprint = {
             let mut h = Xxh3::new();
             h.update(&parent.fingerprint.to_le_bytes());
             for d in digests {

@@ -30,6 +30,8 @@ pub struct Stats {
 pub struct WalkOutput {
     /// Entries in no particular order.
     pub entries: Vec<Entry>,
+    /// Every directory that takes part (relative path) with the rules in force in it.
+    pub dirs: Vec<(Box<[u8]>, Arc<Level>)>,
     /// Everything worth caching for the next walk.
     pub cache: DigestCache,
     pub warnings: Vec<String>,
@@ -38,6 +40,7 @@ pub struct WalkOutput {
 #[derive(Default)]
 struct Collected {
     entries: Vec<Entry>,
+    dirs: Vec<(Box<[u8]>, Arc<Level>)>,
     cache: DigestCache,
     warnings: Vec<String>,
     error: Option<HashError>,
@@ -46,6 +49,7 @@ struct Collected {
 impl Collected {
     fn absorb(&mut self, other: Collected) {
         self.entries.extend(other.entries);
+        self.dirs.extend(other.dirs);
         self.cache.files.extend(other.cache.files);
         self.cache.dirs.extend(other.cache.dirs);
         self.warnings.extend(other.warnings);
@@ -177,13 +181,25 @@ impl<'a> Walker<'a> {
 
     /// Walks the whole tree below the root with the rules of `top`.
     pub fn run(self, top: Arc<Level>) -> Result<WalkOutput, HashError> {
-        let meta = fs::metadata(self.root).map_err(|source| HashError::Read {
-            path: self.root.to_path_buf(),
+        let root = self.root.to_path_buf();
+        self.run_at(Vec::new(), root, top)
+    }
+
+    /// Walks the subtree at `abs` (relative path `rel`) whose parent directory's rules are
+    /// `parent`.
+    pub fn run_at(
+        self,
+        rel: Vec<u8>,
+        abs: PathBuf,
+        parent: Arc<Level>,
+    ) -> Result<WalkOutput, HashError> {
+        let meta = fs::symlink_metadata(&abs).map_err(|source| HashError::Read {
+            path: abs.clone(),
             source,
         })?;
         let key = StatKey::of(&meta);
         rayon::scope(|s| {
-            self.visit_dir(s, Vec::new(), self.root.to_path_buf(), key, top);
+            self.visit_dir(s, rel, abs, key, parent);
         });
         let out = self.out.into_inner().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = out.error {
@@ -191,6 +207,7 @@ impl<'a> Walker<'a> {
         }
         Ok(WalkOutput {
             entries: out.entries,
+            dirs: out.dirs,
             cache: out.cache,
             warnings: out.warnings,
         })
@@ -256,6 +273,7 @@ impl<'a> Walker<'a> {
                 return;
             }
         };
+        local.dirs.push((rel.as_slice().into(), level.clone()));
         for (name, ty) in entries {
             let child_rel = join_rel(&rel, &name);
             let child_abs = abs.join(std::ffi::OsStr::from_bytes(&name));
@@ -510,6 +528,37 @@ impl<'a> Walker<'a> {
             local.cache.files.insert(rel.into(), rec);
         }
     }
+}
+
+/// One path digested afresh.
+pub struct Fresh {
+    /// `None` when it is gone or not a file or symlink.
+    pub entry: Option<Entry>,
+    /// The record to cache, when the file was stable while read.
+    pub record: Option<FileRecord>,
+    pub warnings: Vec<String>,
+}
+
+/// Digests one file or symlink afresh, never trusting the cache.
+pub fn digest_fresh(
+    root: &Path,
+    rel: &[u8],
+    abs: &Path,
+    meta: &fs::Metadata,
+) -> Result<Fresh, HashError> {
+    let empty = DigestCache::default();
+    let stats = Stats::default();
+    let w = Walker::new(root, &empty, &[], &stats);
+    let mut local = Collected::default();
+    w.file(rel.to_vec(), abs, meta, &mut local);
+    if let Some(e) = local.error {
+        return Err(e);
+    }
+    Ok(Fresh {
+        record: local.cache.files.remove(rel),
+        entry: local.entries.pop(),
+        warnings: local.warnings,
+    })
 }
 
 /// Regular or executable, the way git tells them apart: by the owner's execute bit.

@@ -1,0 +1,441 @@
+//! One task per service: it owns the service's tree, watcher and build, and turns file
+//! changes, build results and shutdown into builds and events.
+//!
+//! Changes are debounced (quiet time after the last event), then only the paths named are read
+//! again. A change during a build cancels it and the newest tree is built next: at most one
+//! build runs and the newest tree always wins. A failed build leaves the live one in place and
+//! is not retried until the tree changes again.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{Event, EventKind};
+use crate::hash::live::Change;
+use crate::hash::{BuildId, HashSpec, LiveTree};
+use crate::log::Reporter;
+use crate::manifest::{DEFAULT_POLL, Service};
+use crate::pipeline::{self, Outcome};
+use crate::store::Store;
+use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
+
+/// Builds in a row triggered only by files written while the previous build ran, after which
+/// rebuilding pauses.
+const LOOP_LIMIT: u32 = 3;
+
+/// Events that arrive this soon after a build ended still count as written by it.
+const BUILD_WRITE_GRACE: Duration = Duration::from_millis(250);
+
+/// How `watch` was asked to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchOptions {
+    /// Poll every service's tree instead of using inotify.
+    pub poll: bool,
+}
+
+/// The build in progress.
+struct Running {
+    id: BuildId,
+    /// Cancels this build only; a child of the shutdown token.
+    cancel: CancellationToken,
+    handle: JoinHandle<anyhow::Result<Outcome>>,
+}
+
+/// Detects builds that keep triggering themselves.
+#[derive(Default)]
+struct LoopGuard {
+    /// Paths events named while the current build ran (relative to the root).
+    written_now: BTreeSet<String>,
+    /// Those of the previous build, and when it ended.
+    written_by_last: BTreeSet<String>,
+    last_end: Option<Instant>,
+    /// Builds in a row triggered only by such paths.
+    count: u32,
+    /// Set while rebuilding is paused.
+    paused: bool,
+}
+
+/// The state of one service's watch; owned by its task alone.
+struct Engine {
+    svc: Arc<Service>,
+    store: Store,
+    reporter: Arc<Reporter>,
+    shutdown: CancellationToken,
+    /// Taken out while a blocking task updates it.
+    tree: Option<LiveTree>,
+    watcher: Option<DirWatcher>,
+    /// `Some(interval)` when the tree is polled instead of watched.
+    poll: Option<Duration>,
+    /// The id `.run` holds.
+    live: Option<BuildId>,
+    /// The id whose build failed last; not retried until the tree changes.
+    failed: Option<BuildId>,
+    building: Option<Running>,
+    /// Paths named by events since the last update, and why the whole tree must be looked at.
+    pending: BTreeSet<PathBuf>,
+    rescan: Option<String>,
+    /// When the pending changes are quiet long enough to be processed.
+    deadline: Option<tokio::time::Instant>,
+    /// Paths changed since the last build started, for `build_started`.
+    changed: BTreeSet<String>,
+    guard: LoopGuard,
+}
+
+/// Watches `svc` until `shutdown`: builds at start if needed, then after every change.
+pub async fn run(
+    svc: Arc<Service>,
+    manifest_path: PathBuf,
+    opts: WatchOptions,
+    reporter: Arc<Reporter>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let store = Store::new(&svc.root);
+    let _lock = store.lock("pmesh-dev watch")?;
+    store.recover()?;
+
+    let (tree, warnings) = {
+        let svc = svc.clone();
+        tokio::task::spawn_blocking(move || {
+            LiveTree::scan(&HashSpec::service(&svc, &manifest_path))
+        })
+        .await
+        .context("the hashing task failed")??
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut engine = Engine {
+        live: store.live_id(),
+        store,
+        reporter,
+        shutdown: shutdown.clone(),
+        watcher: None,
+        poll: if opts.poll {
+            Some(svc.poll.unwrap_or(DEFAULT_POLL))
+        } else {
+            svc.poll
+        },
+        svc,
+        tree: Some(tree),
+        failed: None,
+        building: None,
+        pending: BTreeSet::new(),
+        rescan: None,
+        deadline: None,
+        changed: BTreeSet::new(),
+        guard: LoopGuard::default(),
+    };
+    for message in warnings {
+        engine.emit(EventKind::Warning { message });
+    }
+    if engine.poll.is_none() {
+        let dirs = engine.tree().dir_paths();
+        let added = tokio::task::block_in_place(|| {
+            let mut w = DirWatcher::new(tx.clone())?;
+            w.add(dirs)?;
+            Ok::<_, WatchError>(w)
+        });
+        match added {
+            Ok(w) => engine.watcher = Some(w),
+            Err(e) => engine.fall_back_to_polling(&e),
+        }
+    }
+    drop(tx);
+    let (files, dirs) = (engine.tree().files(), engine.tree().dir_paths().len());
+    engine.emit(EventKind::Watching {
+        files,
+        dirs,
+        mode: if engine.poll.is_some() {
+            "poll"
+        } else {
+            "inotify"
+        }
+        .to_owned(),
+        startup_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    });
+    engine.decide();
+
+    let mut poll_tick = tokio::time::interval(engine.poll.unwrap_or(DEFAULT_POLL));
+    poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll_tick.tick().await;
+    loop {
+        let deadline = engine.deadline;
+        let polling = engine.poll.is_some();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = rx.recv(), if engine.watcher.is_some() => match msg {
+                Some(m) => engine.on_msg(m),
+                None => engine.watcher = None,
+            },
+            _ = sleep_until(deadline), if deadline.is_some() => engine.process().await?,
+            _ = poll_tick.tick(), if polling => {
+                engine.rescan.get_or_insert_with(|| "poll".to_owned());
+                engine.process().await?;
+            }
+            done = wait(&mut engine.building) => engine.on_build_done(done),
+        }
+    }
+    if let Some(b) = engine.building.take() {
+        b.cancel.cancel();
+        let _ = b.handle.await;
+    }
+    if let Some(mut tree) = engine.tree.take() {
+        tokio::task::block_in_place(|| tree.save_cache());
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait(
+    building: &mut Option<Running>,
+) -> Result<anyhow::Result<Outcome>, tokio::task::JoinError> {
+    match building {
+        Some(b) => (&mut b.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Engine {
+    fn emit(&self, kind: EventKind) {
+        self.reporter.emit(&Event::now(&self.svc.name, kind));
+    }
+
+    fn tree(&self) -> &LiveTree {
+        // The tree is only ever out while `process` awaits its blocking task.
+        self.tree
+            .as_ref()
+            .expect("the tree is in place between updates")
+    }
+
+    fn fall_back_to_polling(&mut self, e: &WatchError) {
+        self.watcher = None;
+        let interval = DEFAULT_POLL;
+        self.poll = Some(interval);
+        let message = match e {
+            WatchError::Limit => format!(
+                "cannot watch every directory of `{}`: the inotify watch limit \
+                 (fs.inotify.max_user_watches = {}) is reached; polling every {}s instead. \
+                 Raise it with: sudo sysctl fs.inotify.max_user_watches=524288",
+                self.svc.name,
+                watch::max_user_watches().map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                interval.as_secs()
+            ),
+            WatchError::Other(e) => format!(
+                "cannot watch `{}` ({e}); polling every {}s instead",
+                self.svc.name,
+                interval.as_secs()
+            ),
+        };
+        self.emit(EventKind::Warning { message });
+    }
+
+    fn on_msg(&mut self, msg: WatchMsg) {
+        match msg {
+            WatchMsg::Paths(paths) => {
+                let Some(tree) = self.tree.as_ref() else {
+                    return;
+                };
+                let mut rels = Vec::new();
+                for p in paths {
+                    if tree.concerns(&p) {
+                        if let Ok(rel) = p.strip_prefix(tree.root()) {
+                            rels.push(rel.to_string_lossy().into_owned());
+                        }
+                        self.pending.insert(p);
+                    }
+                }
+                if rels.is_empty() {
+                    return;
+                }
+                let by_build = self.building.is_some()
+                    || self
+                        .guard
+                        .last_end
+                        .is_some_and(|t| t.elapsed() < BUILD_WRITE_GRACE);
+                if by_build {
+                    let set = if self.building.is_some() {
+                        &mut self.guard.written_now
+                    } else {
+                        &mut self.guard.written_by_last
+                    };
+                    set.extend(rels);
+                }
+            }
+            WatchMsg::Rescan(reason) => {
+                self.rescan = Some(reason.to_owned());
+            }
+            WatchMsg::Limit => {
+                self.fall_back_to_polling(&WatchError::Limit);
+                self.rescan = Some("watching fell back to polling".to_owned());
+            }
+            WatchMsg::Error(message) => self.emit(EventKind::Warning { message }),
+        }
+        self.deadline = Some(tokio::time::Instant::now() + self.svc.debounce);
+    }
+
+    /// Brings the tree up to date with the pending changes, then decides what to build.
+    async fn process(&mut self) -> anyhow::Result<()> {
+        self.deadline = None;
+        let paths: Vec<PathBuf> = std::mem::take(&mut self.pending).into_iter().collect();
+        let rescan = self.rescan.take();
+        if let Some(reason) = &rescan
+            && reason != "poll"
+        {
+            self.emit(EventKind::Rescan {
+                reason: reason.clone(),
+            });
+        }
+        let Some(mut tree) = self.tree.take() else {
+            return Ok(());
+        };
+        let (tree, result) = tokio::task::spawn_blocking(move || {
+            let r = if rescan.is_some() {
+                tree.rescan()
+            } else {
+                tree.apply(&paths)
+            };
+            (tree, r)
+        })
+        .await
+        .context("the hashing task failed")?;
+        self.tree = Some(tree);
+        let change = match result {
+            Ok(c) => c,
+            Err(e) => {
+                self.emit(EventKind::Warning {
+                    message: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        self.update_watches(&change);
+        let Change {
+            changed,
+            warnings,
+            rules_reloaded,
+            ..
+        } = change;
+        for message in warnings {
+            self.emit(EventKind::Warning { message });
+        }
+        if rules_reloaded {
+            self.guard = LoopGuard::default();
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let self_triggered = changed
+            .iter()
+            .all(|p| self.guard.written_now.contains(p) || self.guard.written_by_last.contains(p));
+        self.changed.extend(changed);
+        if self.guard.paused {
+            // Nothing builds while paused, so whatever changed now came from elsewhere.
+            self.guard = LoopGuard::default();
+        } else if self_triggered {
+            self.guard.count += 1;
+        } else {
+            self.guard.count = 0;
+        }
+        self.decide();
+        Ok(())
+    }
+
+    fn update_watches(&mut self, change: &Change) {
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
+        if !change.unwatch.is_empty() {
+            w.remove(change.unwatch.clone());
+        }
+        if !change.watch.is_empty()
+            && let Err(e) = w.add(change.watch.clone())
+        {
+            self.fall_back_to_polling(&e);
+        }
+    }
+
+    /// Starts, cancels or leaves the build so that the newest tree ends up live.
+    fn decide(&mut self) {
+        let id = self.tree().id();
+        if let Some(b) = &self.building {
+            if b.id != id && !b.cancel.is_cancelled() {
+                // A newer tree: this build is stale. The next starts once it has stopped.
+                b.cancel.cancel();
+            }
+            return;
+        }
+        if Some(id) == self.live || Some(id) == self.failed || self.shutdown.is_cancelled() {
+            self.changed.clear();
+            return;
+        }
+        if self.guard.count >= LOOP_LIMIT {
+            self.guard.paused = true;
+            self.guard.count = 0;
+            let paths: Vec<String> = self.changed.iter().cloned().collect();
+            let patterns = suggest_patterns(&paths);
+            self.changed.clear();
+            self.emit(EventKind::LoopDetected { paths, patterns });
+            return;
+        }
+        let cancel = self.shutdown.child_token();
+        let changed: Vec<String> = std::mem::take(&mut self.changed).into_iter().collect();
+        let handle = tokio::spawn({
+            let svc = self.svc.clone();
+            let store = self.store.clone();
+            let reporter = self.reporter.clone();
+            let cancel = cancel.clone();
+            async move { pipeline::build_id(&svc, &store, id, changed, false, &reporter, &cancel).await }
+        });
+        self.guard.written_now.clear();
+        self.building = Some(Running { id, cancel, handle });
+    }
+
+    fn on_build_done(&mut self, done: Result<anyhow::Result<Outcome>, tokio::task::JoinError>) {
+        self.building = None;
+        self.guard.written_by_last = std::mem::take(&mut self.guard.written_now);
+        self.guard.last_end = Some(Instant::now());
+        match done {
+            Ok(Ok(
+                Outcome::Built { id, .. } | Outcome::Reused { id, .. } | Outcome::UpToDate(id),
+            )) => {
+                self.live = Some(id);
+                self.failed = None;
+            }
+            Ok(Ok(Outcome::Failed { id })) => self.failed = Some(id),
+            Ok(Ok(Outcome::Cancelled)) => {}
+            Ok(Err(e)) => self.emit(EventKind::Warning {
+                message: format!("{e:#}"),
+            }),
+            Err(e) => self.emit(EventKind::Warning {
+                message: format!("the build task failed: {e}"),
+            }),
+        }
+        if let Some(tree) = self.tree.as_mut() {
+            tokio::task::block_in_place(|| tree.save_cache());
+        }
+        self.decide();
+    }
+}
+
+/// Ignore patterns that would keep `paths` out of the tree: their top directory, or the file.
+fn suggest_patterns(paths: &[String]) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for p in paths {
+        match p.split_once('/') {
+            Some((dir, _)) => out.insert(format!("/{dir}/")),
+            None => out.insert(format!("/{p}")),
+        };
+    }
+    out.into_iter().collect()
+}
