@@ -36,8 +36,8 @@ pub enum BuildFailure {
     },
     #[error("cancelled")]
     Cancelled,
-    #[error("cannot run build step `{step}`: {source}")]
-    Spawn { step: String, source: io::Error },
+    #[error("cannot run build step `{step}`: {error}")]
+    Spawn { step: String, error: io::Error },
 }
 
 fn step_failure(
@@ -132,9 +132,9 @@ async fn run_step(
     log: &mut BuildLog,
     cancel: &CancellationToken,
 ) -> Result<(ExitStatus, Vec<String>), BuildFailure> {
-    let spawn_err = |source| BuildFailure::Spawn {
+    let spawn_err = |error| BuildFailure::Spawn {
         step: step.to_owned(),
-        source,
+        error,
     };
     // One pipe for stdout and stderr keeps their lines in the order they were written.
     let (reader, writer) = io::pipe().map_err(spawn_err)?;

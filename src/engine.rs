@@ -21,16 +21,13 @@ use crate::hash::live::Change;
 use crate::hash::{BuildId, HashSpec, LiveTree};
 use crate::log::Reporter;
 use crate::manifest::{DEFAULT_POLL, Service};
-use crate::pipeline::{self, Outcome};
+use crate::pipeline::{self, Outcome, StepsRunning};
 use crate::store::Store;
 use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
 
 /// Builds in a row triggered only by files written while the previous build ran, after which
 /// rebuilding pauses.
 const LOOP_LIMIT: u32 = 3;
-
-/// Events that arrive this soon after a build ended still count as written by it.
-const BUILD_WRITE_GRACE: Duration = Duration::from_millis(250);
 
 /// How `watch` was asked to run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,6 +42,8 @@ struct Running {
     /// Cancels this build only; a child of the shutdown token.
     cancel: CancellationToken,
     handle: JoinHandle<anyhow::Result<Outcome>>,
+    /// Whether its steps still run: writes seen meanwhile may be the build's own.
+    steps: StepsRunning,
 }
 
 /// Detects builds that keep triggering themselves.
@@ -52,9 +51,8 @@ struct Running {
 struct LoopGuard {
     /// Paths events named while the current build ran (relative to the root).
     written_now: BTreeSet<String>,
-    /// Those of the previous build, and when it ended.
+    /// Those of the previous build.
     written_by_last: BTreeSet<String>,
-    last_end: Option<Instant>,
     /// Builds in a row triggered only by such paths.
     count: u32,
     /// Set while rebuilding is paused.
@@ -166,18 +164,22 @@ pub async fn run(
     loop {
         let deadline = engine.deadline;
         let polling = engine.poll.is_some();
+        // Biased: events are taken before a build's end is handled, so that whatever the build
+        // wrote (inotify reports it before the build's exit is even noticed) counts as written
+        // while it ran.
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             msg = rx.recv(), if engine.watcher.is_some() => match msg {
                 Some(m) => engine.on_msg(m),
                 None => engine.watcher = None,
             },
+            done = wait(&mut engine.building) => engine.on_build_done(done),
             _ = sleep_until(deadline), if deadline.is_some() => engine.process().await?,
             _ = poll_tick.tick(), if polling => {
                 engine.rescan.get_or_insert_with(|| "poll".to_owned());
                 engine.process().await?;
             }
-            done = wait(&mut engine.building) => engine.on_build_done(done),
         }
     }
     if let Some(b) = engine.building.take() {
@@ -258,18 +260,8 @@ impl Engine {
                 if rels.is_empty() {
                     return;
                 }
-                let by_build = self.building.is_some()
-                    || self
-                        .guard
-                        .last_end
-                        .is_some_and(|t| t.elapsed() < BUILD_WRITE_GRACE);
-                if by_build {
-                    let set = if self.building.is_some() {
-                        &mut self.guard.written_now
-                    } else {
-                        &mut self.guard.written_by_last
-                    };
-                    set.extend(rels);
+                if self.building.as_ref().is_some_and(|b| b.steps.get()) {
+                    self.guard.written_now.extend(rels);
                 }
             }
             WatchMsg::Rescan(reason) => {
@@ -390,21 +382,30 @@ impl Engine {
         }
         let cancel = self.shutdown.child_token();
         let changed: Vec<String> = std::mem::take(&mut self.changed).into_iter().collect();
+        let steps = StepsRunning::default();
         let handle = tokio::spawn({
             let svc = self.svc.clone();
             let store = self.store.clone();
             let reporter = self.reporter.clone();
             let cancel = cancel.clone();
-            async move { pipeline::build_id(&svc, &store, id, changed, false, &reporter, &cancel).await }
+            let steps = steps.clone();
+            async move {
+                pipeline::build_id(&svc, &store, id, changed, false, &reporter, &cancel, &steps)
+                    .await
+            }
         });
         self.guard.written_now.clear();
-        self.building = Some(Running { id, cancel, handle });
+        self.building = Some(Running {
+            id,
+            cancel,
+            handle,
+            steps,
+        });
     }
 
     fn on_build_done(&mut self, done: Result<anyhow::Result<Outcome>, tokio::task::JoinError>) {
         self.building = None;
         self.guard.written_by_last = std::mem::take(&mut self.guard.written_now);
-        self.guard.last_end = Some(Instant::now());
         match done {
             Ok(Ok(
                 Outcome::Built { id, .. } | Outcome::Reused { id, .. } | Outcome::UpToDate(id),

@@ -85,10 +85,10 @@ pub enum ManifestError {
         .0.display()
     )]
     NotFound(PathBuf),
-    #[error("cannot read {}: {source}", .path.display())]
+    #[error("cannot read {}: {error}", .path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A located problem, already rendered with the file, line, column and the line's text.
     #[error("{0}")]
@@ -339,9 +339,9 @@ pub fn find(start: &Path) -> Result<PathBuf, ManifestError> {
 impl Manifest {
     /// Reads and validates the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let src = std::fs::read_to_string(path).map_err(|error| ManifestError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         Manifest::parse(&path, &src)
@@ -351,6 +351,12 @@ impl Manifest {
     pub fn parse(path: &Path, src: &str) -> Result<Manifest, ManifestError> {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = dir.canonicalize().unwrap_or(dir);
+        // The manifest as the walk meets it: in the canonical directory, by its own name (not
+        // its symlink target), so that excluding it compares like with like.
+        let path = &match path.file_name() {
+            Some(name) => dir.join(name),
+            None => path.to_path_buf(),
+        };
         let located = |span: Range<usize>, msg: &str| {
             ManifestError::Invalid(render_located(path, src, span, msg))
         };

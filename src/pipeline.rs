@@ -56,6 +56,7 @@ pub async fn build(
     if cancel.is_cancelled() {
         return Ok(Outcome::Cancelled);
     }
+    let steps = StepsRunning::default();
     build_id(
         &svc,
         &store,
@@ -64,12 +65,28 @@ pub async fn build(
         force,
         &reporter,
         &cancel,
+        &steps,
     )
     .await
 }
 
+/// True while a build's steps run: the window in which a write into the tree can be the
+/// build's own (watch's loop guard reads it).
+#[derive(Debug, Default, Clone)]
+pub struct StepsRunning(Arc<std::sync::atomic::AtomicBool>);
+
+impl StepsRunning {
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn set(&self, v: bool) {
+        self.0.store(v, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Makes `.run` hold build `id` of `svc`: nothing if it already does (unless `force`), a
 /// re-point if a good archive has it, else a build. The caller holds the store's lock.
+#[allow(clippy::too_many_arguments)]
 pub async fn build_id(
     svc: &Service,
     store: &Store,
@@ -78,6 +95,7 @@ pub async fn build_id(
     force: bool,
     reporter: &Arc<Reporter>,
     cancel: &CancellationToken,
+    steps: &StepsRunning,
 ) -> anyhow::Result<Outcome> {
     let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
     if !force {
@@ -110,7 +128,9 @@ pub async fn build_id(
     let build_dir = store.begin(id)?;
     let (log_path, log_name) = store.new_log()?;
     let mut log = BuildLog::new(File::create(&log_path).ok());
+    steps.set(true);
     let result = builder::run_steps(svc, &build_dir, id, reporter, &mut log, cancel).await;
+    steps.set(false);
     let duration = started.elapsed();
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     match result {

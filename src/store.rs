@@ -35,11 +35,11 @@ pub struct Store {
 pub enum StoreError {
     #[error("{} is in use by another pmesh-dev ({holder}); stop it or wait for it to finish", .root.display())]
     Locked { root: PathBuf, holder: String },
-    #[error("{what} {}: {source}", .path.display())]
+    #[error("{what} {}: {error}", .path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "{} exists and is not a symlink: move it away so pmesh-dev can manage it",
@@ -50,7 +50,7 @@ pub enum StoreError {
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_path_buf();
-    move |source| StoreError::Io { what, path, source }
+    move |error| StoreError::Io { what, path, error }
 }
 
 /// What became of a build once it was archived.

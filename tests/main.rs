@@ -6,3 +6,4 @@ mod util;
 mod build;
 mod hash;
 mod manifest;
+mod watch;

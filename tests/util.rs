@@ -212,3 +212,127 @@ pub fn wait_for(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// A running `pmesh-dev watch --json`, its events collected as they come. Dropping it kills it.
+pub struct Watch {
+    pub child: std::process::Child,
+    events: std::sync::mpsc::Receiver<serde_json::Value>,
+    /// Every event received so far, in order.
+    pub seen: Vec<serde_json::Value>,
+}
+
+impl Watch {
+    /// Starts `pmesh-dev watch --json extra...` in `t` with `env`, and waits until every
+    /// service named in `services` is watching.
+    pub fn start(t: &Tmp, extra: &[&str], env: &[(&str, &str)], services: &[&str]) -> Watch {
+        let mut args = vec!["watch", "--json"];
+        args.extend_from_slice(extra);
+        let mut cmd = t.cmd(&args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn watch");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => panic!("watch printed a line that is not JSON: {line}: {e}"),
+                }
+            }
+        });
+        let mut w = Watch {
+            child,
+            events: rx,
+            seen: Vec::new(),
+        };
+        for s in services {
+            let is_it = |e: &serde_json::Value| e["event"] == "watching" && e["service"] == *s;
+            if !w.seen.iter().any(is_it) {
+                w.wait_for(30.0, is_it)
+                    .unwrap_or_else(|| panic!("{s} never started watching: {:#?}", w.seen));
+            }
+        }
+        w
+    }
+
+    /// Waits up to `secs` for an event matching `pred`, returning it.
+    pub fn wait_for(
+        &mut self,
+        secs: f64,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) => {
+                    self.seen.push(e.clone());
+                    if pred(&e) {
+                        return Some(e);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the next `build_finished` of `service` and returns it. Events consumed while
+    /// waiting for other things are not looked at again; see [`Watch::seen`].
+    pub fn next_build(&mut self, service: &str) -> serde_json::Value {
+        self.wait_for(30.0, |e| {
+            e["event"] == "build_finished" && e["service"] == service
+        })
+        .unwrap_or_else(|| panic!("no build of {service} finished: {:#?}", self.seen))
+    }
+
+    /// Collects events for `secs` and returns them.
+    pub fn quiet_for(&mut self, secs: f64) -> Vec<serde_json::Value> {
+        let start = self.seen.len();
+        let _ = self.wait_for(secs, |_| false);
+        self.seen[start..].to_vec()
+    }
+
+    /// Sends SIGINT and returns the exit code.
+    pub fn interrupt(mut self) -> Option<i32> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .expect("SIGINT");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("watch did not exit within 20 s of SIGINT");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The names of the events in `events`.
+pub fn kinds(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| e["event"].as_str().map(str::to_owned))
+        .collect()
+}

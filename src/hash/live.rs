@@ -195,7 +195,7 @@ impl LiveTree {
                 Err(source) => {
                     return Err(HashError::Read {
                         path: p.clone(),
-                        source,
+                        error: source,
                     });
                 }
             };

@@ -137,10 +137,10 @@ impl<'a> HashSpec<'a> {
 /// Why a tree could not be hashed.
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
-    #[error("cannot read {}: {source}", .path.display())]
+    #[error("cannot read {}: {error}", .path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 

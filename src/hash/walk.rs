@@ -195,7 +195,7 @@ impl<'a> Walker<'a> {
     ) -> Result<WalkOutput, HashError> {
         let meta = fs::symlink_metadata(&abs).map_err(|source| HashError::Read {
             path: abs.clone(),
-            source,
+            error: source,
         })?;
         let key = StatKey::of(&meta);
         rayon::scope(|s| {
@@ -268,7 +268,10 @@ impl<'a> Walker<'a> {
         let (level, entries) = match listing {
             Ok(l) => l,
             Err(source) => {
-                local.error = Some(HashError::Read { path: abs, source });
+                local.error = Some(HashError::Read {
+                    path: abs,
+                    error: source,
+                });
                 self.merge(local);
                 return;
             }
@@ -301,7 +304,7 @@ impl<'a> Walker<'a> {
                 Err(source) => {
                     local.error.get_or_insert(HashError::Read {
                         path: child_abs,
-                        source,
+                        error: source,
                     });
                     continue;
                 }
@@ -345,7 +348,7 @@ impl<'a> Walker<'a> {
                 Err(source) => {
                     local.error.get_or_insert(HashError::Read {
                         path: child_abs,
-                        source,
+                        error: source,
                     });
                     continue;
                 }
@@ -475,7 +478,7 @@ impl<'a> Walker<'a> {
             Err(source) => {
                 local.error.get_or_insert(HashError::Read {
                     path: abs.to_path_buf(),
-                    source,
+                    error: source,
                 });
                 None
             }
@@ -492,7 +495,7 @@ impl<'a> Walker<'a> {
                 Err(source) => {
                     local.error.get_or_insert(HashError::Read {
                         path: abs.to_path_buf(),
-                        source,
+                        error: source,
                     });
                     return;
                 }
