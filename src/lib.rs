@@ -11,5 +11,6 @@ pub mod init;
 pub mod log;
 pub mod manifest;
 pub mod pipeline;
+pub mod proxy;
 pub mod store;
 pub mod watch;
