@@ -186,7 +186,13 @@ async fn run_step(
             tail.pop_front();
         }
         tail.push_back(line.clone());
-        reporter.emit(&Event::now(&svc.name, EventKind::Output { line }));
+        reporter.emit(&Event::now(
+            &svc.name,
+            EventKind::Output {
+                line,
+                source: "build".to_owned(),
+            },
+        ));
     };
 
     let mut cancelled = false;

@@ -317,7 +317,7 @@ fn hash_cmd(
         let mut buf = Vec::with_capacity(tree.entries.len() * 64);
         for e in &tree.entries {
             buf.extend_from_slice(format!("{:032x}  ", e.digest).as_bytes());
-            buf.extend_from_slice(&e.path);
+            quote_path(&e.path, &mut buf);
             buf.push(b'\n');
         }
         out(&buf)?;
@@ -332,6 +332,30 @@ fn hash_cmd(
         out(format!("{}\n", tree.id).as_bytes())?;
     }
     Ok(EXIT_OK)
+}
+
+/// Writes `path` as is, unless it holds a control character: then C-quoted the way git quotes
+/// it (`"new\nline.txt"`), so that every entry stays on one line. Other bytes (UTF-8, quotes
+/// and backslashes included) are written unchanged, so that plain names sort as bytes.
+fn quote_path(path: &[u8], out: &mut Vec<u8>) {
+    let needs = path.iter().any(|&b| b < 0x20 || b == 0x7f);
+    if !needs {
+        out.extend_from_slice(path);
+        return;
+    }
+    out.push(b'"');
+    for &b in path {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b if b < 0x20 || b == 0x7f => out.extend_from_slice(format!("\\{b:03o}").as_bytes()),
+            b => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 fn age(t: Option<SystemTime>) -> String {

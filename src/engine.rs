@@ -21,7 +21,7 @@ use crate::hash::live::Change;
 use crate::hash::{BuildId, HashSpec, LiveTree};
 use crate::log::Reporter;
 use crate::manifest::{DEFAULT_POLL, Service};
-use crate::pipeline::{self, Outcome, StepsRunning};
+use crate::pipeline::{self, Job, Outcome, StepsRunning};
 use crate::store::Store;
 use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
 
@@ -389,10 +389,14 @@ impl Engine {
             let reporter = self.reporter.clone();
             let cancel = cancel.clone();
             let steps = steps.clone();
-            async move {
-                pipeline::build_id(&svc, &store, id, changed, false, &reporter, &cancel, &steps)
-                    .await
-            }
+            let job = Job {
+                id,
+                changed,
+                force: false,
+                in_use: Vec::new(),
+                steps,
+            };
+            async move { pipeline::build_id(&svc, &store, job, &reporter, &cancel).await }
         });
         self.guard.written_now.clear();
         self.building = Some(Running {
@@ -413,7 +417,7 @@ impl Engine {
                 self.live = Some(id);
                 self.failed = None;
             }
-            Ok(Ok(Outcome::Failed { id })) => self.failed = Some(id),
+            Ok(Ok(Outcome::Failed { id, .. })) => self.failed = Some(id),
             Ok(Ok(Outcome::Cancelled)) => {}
             Ok(Err(e)) => self.emit(EventKind::Warning {
                 message: format!("{e:#}"),

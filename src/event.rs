@@ -59,9 +59,34 @@ pub enum EventKind {
         id: String,
         changed: Vec<String>,
     },
-    /// A line a build step printed.
+    /// A line a build step (`source` = `build`) or an instance (`run`) printed.
     Output {
         line: String,
+        source: String,
+    },
+    /// An instance of build `id` is serving: the proxy sends new requests to it.
+    Live {
+        id: String,
+        archive: String,
+        port: u16,
+    },
+    /// An instance never became healthy; `.run` went back to the previous build.
+    Unhealthy {
+        id: String,
+        archive: String,
+        reason: String,
+    },
+    /// The live instance exited on its own; it is restarted after `restart_in_ms`.
+    Crashed {
+        id: String,
+        reason: String,
+        restart_in_ms: u64,
+    },
+    /// An instance was stopped (replaced, or pmesh-dev is quitting).
+    Stopped {
+        id: String,
+        archive: String,
+        port: u16,
     },
     /// Sent once the archive exists and `.run` points to it (when `ok`).
     BuildFinished {

@@ -13,4 +13,5 @@ pub mod manifest;
 pub mod pipeline;
 pub mod proxy;
 pub mod store;
+pub mod supervisor;
 pub mod watch;

@@ -71,8 +71,11 @@ impl Reporter {
 
     fn plain(&self, e: &Event) -> Option<String> {
         let short = |id: &str| id.get(..12).unwrap_or(id).to_owned();
-        if let EventKind::Output { line } = &e.kind {
-            return Some(if self.prefix {
+        if let EventKind::Output { line, source } = &e.kind {
+            // An instance's output is always marked, so that it is not taken for pmesh-dev's.
+            return Some(if source == "run" {
+                format!("{} {line}", self.paint(DIM, &format!("{} >", e.service)))
+            } else if self.prefix {
                 format!("{} {line}", self.paint(DIM, &format!("{} |", e.service)))
             } else {
                 line.clone()
@@ -141,6 +144,29 @@ impl Reporter {
                     error.as_deref().unwrap_or("unknown error")
                 ),
             ),
+            EventKind::Live { id, archive, port } => self.paint(
+                GREEN,
+                &format!("live: {} from {archive} on port {port}", short(id)),
+            ),
+            EventKind::Unhealthy { id, reason, .. } => self.paint(
+                RED,
+                &format!("build {} is unhealthy, .run went back: {reason}", short(id)),
+            ),
+            EventKind::Crashed {
+                id,
+                reason,
+                restart_in_ms,
+            } => self.paint(
+                RED,
+                &format!(
+                    "instance of {} crashed: {reason}; restarting in {}",
+                    short(id),
+                    human_ms(*restart_in_ms)
+                ),
+            ),
+            EventKind::Stopped { id, port, .. } => {
+                format!("stopped the instance of {} on port {port}", short(id))
+            }
             EventKind::Pruned { removed } => {
                 format!("removed old builds: {}", removed.join(", "))
             }

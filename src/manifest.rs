@@ -57,6 +57,18 @@ pub struct Service {
     /// Look at the tree at this interval instead of using inotify (network or virtual
     /// filesystems).
     pub poll: Option<Duration>,
+    pub protocol: Protocol,
+}
+
+/// What the proxy speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1, with keep-alive, streaming and upgrades.
+    #[default]
+    Http,
+    /// Raw TCP: each new connection goes to the live instance.
+    Tcp,
 }
 
 /// How an instance is judged healthy.
@@ -114,6 +126,7 @@ const SERVICE_KEYS: &[&str] = &[
     "ignore",
     "debounce",
     "poll",
+    "protocol",
 ];
 
 #[derive(Deserialize)]
@@ -141,6 +154,7 @@ struct RawService {
     ignore: Vec<Spanned<String>>,
     debounce: Option<Dur>,
     poll: Option<Poll>,
+    protocol: Option<Protocol>,
 }
 
 /// `poll`: `true` (every second), `false`, or an interval like `"500ms"`.
@@ -496,6 +510,7 @@ impl Manifest {
                 ignore,
                 debounce: raw.debounce.map_or(Duration::from_millis(50), |d| d.0),
                 poll: raw.poll.and_then(|p| p.0),
+                protocol: raw.protocol.unwrap_or_default(),
             });
         }
         Ok(Manifest {

@@ -25,7 +25,7 @@ pub enum Outcome {
     UpToDate(BuildId),
     Reused { id: BuildId, archive: String },
     Built { id: BuildId, archive: String },
-    Failed { id: BuildId },
+    Failed { id: BuildId, error: String },
     Cancelled,
 }
 
@@ -56,18 +56,27 @@ pub async fn build(
     if cancel.is_cancelled() {
         return Ok(Outcome::Cancelled);
     }
-    let steps = StepsRunning::default();
-    build_id(
-        &svc,
-        &store,
-        tree.id,
-        tree.changed,
+    let job = Job {
+        id: tree.id,
+        changed: tree.changed,
         force,
-        &reporter,
-        &cancel,
-        &steps,
-    )
-    .await
+        in_use: Vec::new(),
+        steps: StepsRunning::default(),
+    };
+    build_id(&svc, &store, job, &reporter, &cancel).await
+}
+
+/// One request to make `.run` hold a build.
+#[derive(Debug)]
+pub struct Job {
+    pub id: BuildId,
+    /// The paths that changed, for `build_started`.
+    pub changed: Vec<String>,
+    /// Build even if `.run` already holds `id`, and never reuse an archive.
+    pub force: bool,
+    /// Archives that running instances use: retention leaves them alone.
+    pub in_use: Vec<String>,
+    pub steps: StepsRunning,
 }
 
 /// True while a build's steps run: the window in which a write into the tree can be the
@@ -86,17 +95,20 @@ impl StepsRunning {
 
 /// Makes `.run` hold build `id` of `svc`: nothing if it already does (unless `force`), a
 /// re-point if a good archive has it, else a build. The caller holds the store's lock.
-#[allow(clippy::too_many_arguments)]
 pub async fn build_id(
     svc: &Service,
     store: &Store,
-    id: BuildId,
-    changed: Vec<String>,
-    force: bool,
+    job: Job,
     reporter: &Arc<Reporter>,
     cancel: &CancellationToken,
-    steps: &StepsRunning,
 ) -> anyhow::Result<Outcome> {
+    let Job {
+        id,
+        changed,
+        force,
+        in_use,
+        steps,
+    } = job;
     let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
     if !force {
         if store.live_id() == Some(id) {
@@ -112,7 +124,7 @@ pub async fn build_id(
                 id: id.to_string(),
                 archive: a.name.clone(),
             });
-            prune(store, svc, reporter)?;
+            prune(store, svc, &in_use, reporter)?;
             return Ok(Outcome::Reused {
                 id,
                 archive: a.name,
@@ -144,7 +156,7 @@ pub async fn build_id(
                 archive: Some(archive.name.clone()),
                 error: None,
             });
-            prune(store, svc, reporter)?;
+            prune(store, svc, &in_use, reporter)?;
             Ok(Outcome::Built {
                 id,
                 archive: archive.name,
@@ -162,16 +174,24 @@ pub async fn build_id(
                 ok: false,
                 duration_ms,
                 archive: None,
-                error: Some(e.to_string()),
+                error: Some(format!("service `{}`: {e}", svc.name)),
             });
             let _ = store.prune_logs(KEEP_ORPHAN_LOGS);
-            Ok(Outcome::Failed { id })
+            Ok(Outcome::Failed {
+                id,
+                error: e.to_string(),
+            })
         }
     }
 }
 
-fn prune(store: &Store, svc: &Service, reporter: &Reporter) -> anyhow::Result<()> {
-    let removed = store.retain(svc.keep, &[])?;
+fn prune(
+    store: &Store,
+    svc: &Service,
+    in_use: &[String],
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let removed = store.retain(svc.keep, in_use)?;
     if !removed.is_empty() {
         reporter.emit(&Event::now(&svc.name, EventKind::Pruned { removed }));
     }

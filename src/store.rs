@@ -11,6 +11,7 @@ use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,9 @@ const RUN_TMP_PREFIX: &str = ".run.tmp-";
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Serialises `.run` flips made by this process (a build finishing and an unhealthy
+    /// instance being undone may race); shared by clones.
+    flip: Arc<Mutex<()>>,
 }
 
 /// Why the store could not do what was asked.
@@ -155,6 +159,7 @@ impl Store {
     pub fn new(root: &Path) -> Store {
         Store {
             root: root.to_path_buf(),
+            flip: Arc::default(),
         }
     }
 
@@ -282,6 +287,14 @@ impl Store {
             .join(format!("{name}.json"))
     }
 
+    /// The newest good archive older than `name` (by creation), to fall back on.
+    pub fn previous_good(&self, name: &str) -> Result<Option<Archive>, StoreError> {
+        Ok(self
+            .archives()?
+            .into_iter()
+            .find(|a| a.name.as_str() < name && a.status() == Status::Ok && a.id.is_some()))
+    }
+
     /// The newest good archive whose `.buildid` is `id`.
     pub fn reusable(&self, id: BuildId) -> Result<Option<Archive>, StoreError> {
         Ok(self
@@ -372,6 +385,20 @@ impl Store {
 
     /// Re-points `.run` at archive `name` in one rename: a temporary symlink renamed over it.
     pub fn point_run(&self, name: &str) -> Result<(), StoreError> {
+        let _flip = self.flip.lock().unwrap_or_else(|e| e.into_inner());
+        self.point_run_unlocked(name)
+    }
+
+    /// Re-points `.run` at `to` only if it still points at `from`; `false` if it had moved.
+    pub fn point_run_if(&self, from: &str, to: &str) -> Result<bool, StoreError> {
+        let _flip = self.flip.lock().unwrap_or_else(|e| e.into_inner());
+        if self.live().as_deref() != Some(from) {
+            return Ok(false);
+        }
+        self.point_run_unlocked(to).map(|()| true)
+    }
+
+    fn point_run_unlocked(&self, name: &str) -> Result<(), StoreError> {
         let run = self.root.join(RUN_LINK);
         if let Ok(m) = fs::symlink_metadata(&run)
             && !m.file_type().is_symlink()
