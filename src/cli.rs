@@ -86,6 +86,13 @@ pub enum Command {
         #[arg(num_args = 0..=2, value_name = "SERVICE|BUILD")]
         args: Vec<String>,
     },
+    /// Serve what .run points to (all services with `run`, or those named), without building.
+    Run {
+        services: Vec<String>,
+        /// One JSON event per line on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a commented starter pmesh.toml here and add pmesh-dev's paths to .gitignore.
     Init,
 }
@@ -147,6 +154,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => hash_cmd(manifest, target.as_deref(), list, json, stats),
         Command::Builds { service, json } => builds(manifest, service.as_deref(), json),
         Command::Rollback { args } => rollback(manifest, &args),
+        Command::Run { services, json } => run_cmd(manifest, &services, json),
         Command::Init => {
             let msg = crate::init::init(&std::env::current_dir()?).map_err(usage)?;
             println!("{msg}");
@@ -197,6 +205,56 @@ fn watch(manifest: Option<&Path>, names: &[String], json: bool, poll: bool) -> R
                 code = EXIT_FAILED;
                 // One service that cannot be watched stops the whole watch: a partial one
                 // would look like it works.
+                shutdown.cancel();
+            }
+        }
+        Ok(code)
+    })
+}
+
+fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> {
+    let m = load_manifest(manifest)?;
+    let selected = m.select(names).map_err(usage)?;
+    if let Some(s) = selected
+        .iter()
+        .find(|s| s.run.is_none() && !names.is_empty())
+    {
+        return Err(usage(anyhow::anyhow!(
+            "service `{}` has no `run` command in {}",
+            s.name,
+            m.path.display()
+        )));
+    }
+    let services: Vec<_> = selected
+        .into_iter()
+        .filter(|s| s.run.is_some())
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    if services.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "no service in {} has a `run` command",
+            m.path.display()
+        )));
+    }
+    let format = if json { Format::Json } else { Format::Plain };
+    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
+    let rt = runtime()?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        cancel_on_signals(shutdown.clone())?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for svc in services {
+            let name = svc.name.clone();
+            let fut = crate::serve::run_only(svc, reporter.clone(), shutdown.clone());
+            tasks.spawn(async move { (name, fut.await) });
+        }
+        let mut code = EXIT_OK;
+        while let Some(joined) = tasks.join_next().await {
+            let (name, result) = joined?;
+            if let Err(e) = result {
+                eprintln!("error: service `{name}`: {e:#}");
+                code = EXIT_FAILED;
                 shutdown.cancel();
             }
         }

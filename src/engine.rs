@@ -22,7 +22,9 @@ use crate::hash::{BuildId, HashSpec, LiveTree};
 use crate::log::Reporter;
 use crate::manifest::{DEFAULT_POLL, Service};
 use crate::pipeline::{self, Job, Outcome, StepsRunning};
+use crate::serve::{Report, Server};
 use crate::store::Store;
+use crate::supervisor;
 use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
 
 /// Builds in a row triggered only by files written while the previous build ran, after which
@@ -83,6 +85,8 @@ struct Engine {
     /// Paths changed since the last build started, for `build_started`.
     changed: BTreeSet<String>,
     guard: LoopGuard,
+    /// The proxy and instances, for a service with `run`.
+    server: Option<Server>,
 }
 
 /// Watches `svc` until `shutdown`: builds at start if needed, then after every change.
@@ -97,6 +101,29 @@ pub async fn run(
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev watch")?;
     store.recover()?;
+    let reaped = tokio::task::block_in_place(|| supervisor::reap_leftovers(&store));
+    if reaped > 0 {
+        reporter.emit(&Event::now(
+            &svc.name,
+            EventKind::Warning {
+                message: format!("stopped {reaped} instance(s) left by an earlier pmesh-dev"),
+            },
+        ));
+    }
+    let (report_tx, mut reports) = mpsc::unbounded_channel();
+    let server = match svc.run {
+        Some(_) => Some(
+            Server::start(
+                svc.clone(),
+                store.clone(),
+                reporter.clone(),
+                shutdown.clone(),
+                report_tx,
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let (tree, warnings) = {
         let svc = svc.clone();
@@ -127,6 +154,7 @@ pub async fn run(
         deadline: None,
         changed: BTreeSet::new(),
         guard: LoopGuard::default(),
+        server,
     };
     for message in warnings {
         engine.emit(EventKind::Warning { message });
@@ -157,6 +185,12 @@ pub async fn run(
         startup_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     });
     engine.decide();
+    if engine.building.is_none()
+        && let (Some(server), Some(archive), Some(id)) =
+            (&engine.server, engine.store.live(), engine.store.live_id())
+    {
+        server.deploy(archive, id);
+    }
 
     let mut poll_tick = tokio::time::interval(engine.poll.unwrap_or(DEFAULT_POLL));
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,6 +209,7 @@ pub async fn run(
                 None => engine.watcher = None,
             },
             done = wait(&mut engine.building) => engine.on_build_done(done),
+            Some(report) = reports.recv() => engine.on_report(report),
             _ = sleep_until(deadline), if deadline.is_some() => engine.process().await?,
             _ = poll_tick.tick(), if polling => {
                 engine.rescan.get_or_insert_with(|| "poll".to_owned());
@@ -188,6 +223,9 @@ pub async fn run(
     }
     if let Some(mut tree) = engine.tree.take() {
         tokio::task::block_in_place(|| tree.save_cache());
+    }
+    if let Some(server) = engine.server.take() {
+        server.stopped().await;
     }
     Ok(())
 }
@@ -393,7 +431,7 @@ impl Engine {
                 id,
                 changed,
                 force: false,
-                in_use: Vec::new(),
+                in_use: self.server.as_ref().map(Server::in_use).unwrap_or_default(),
                 steps,
             };
             async move { pipeline::build_id(&svc, &store, job, &reporter, &cancel).await }
@@ -411,13 +449,23 @@ impl Engine {
         self.building = None;
         self.guard.written_by_last = std::mem::take(&mut self.guard.written_now);
         match done {
-            Ok(Ok(
-                Outcome::Built { id, .. } | Outcome::Reused { id, .. } | Outcome::UpToDate(id),
-            )) => {
+            Ok(Ok(Outcome::Built { id, archive } | Outcome::Reused { id, archive })) => {
+                self.live = Some(id);
+                self.failed = None;
+                if let Some(server) = &self.server {
+                    server.deploy(archive, id);
+                }
+            }
+            Ok(Ok(Outcome::UpToDate(id))) => {
                 self.live = Some(id);
                 self.failed = None;
             }
-            Ok(Ok(Outcome::Failed { id, .. })) => self.failed = Some(id),
+            Ok(Ok(Outcome::Failed { id, error })) => {
+                self.failed = Some(id);
+                if let Some(server) = &self.server {
+                    server.build_failed(error);
+                }
+            }
             Ok(Ok(Outcome::Cancelled)) => {}
             Ok(Err(e)) => self.emit(EventKind::Warning {
                 message: format!("{e:#}"),
@@ -430,6 +478,24 @@ impl Engine {
             tokio::task::block_in_place(|| tree.save_cache());
         }
         self.decide();
+    }
+}
+
+impl Engine {
+    /// The server undid an unhealthy build: do not build that tree again until it changes,
+    /// and serve whatever `.run` went back to.
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Unhealthy { id, live } => {
+                self.failed = Some(id);
+                self.live = live;
+                if let (Some(server), Some(archive), Some(id)) =
+                    (&self.server, self.store.live(), live)
+                {
+                    server.deploy(archive, id);
+                }
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod log;
 pub mod manifest;
 pub mod pipeline;
 pub mod proxy;
+pub mod serve;
 pub mod store;
 pub mod supervisor;
 pub mod watch;

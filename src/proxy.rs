@@ -1,2 +1,1380 @@
 //! The reverse proxy in front of a service: HTTP/1.1 (or raw TCP) to whichever instance is
-//! live, switched atomically. Written by the proxy work; see the module's tests.
+//! live, switched atomically.
+//!
+//! Swaps lose no request because of three things working together:
+//! - the target is read once when a request (or TCP connection) arrives, so after
+//!   [`Switch::set`] every new request goes to the new instance while requests already sent to
+//!   the old one finish there, counted on its [`Upstream`] until their response is done;
+//! - pooled upstream connections are dropped after [`POOL_IDLE`], well before a dev server's
+//!   own keep-alive timeout (Node's is 5 s) would close them under our feet;
+//! - a request that fails on a reused connection before any of it was written is retried once
+//!   on a fresh connection (`retry_canceled_requests`).
+
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long an idle pooled upstream connection may be reused: shorter than any common dev
+/// server's keep-alive timeout, so we never pick a connection the backend is about to close.
+const POOL_IDLE: Duration = Duration::from_secs(1);
+/// How long open connections may take to finish once the proxy is shutting down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Bound on connecting to an instance (loopback: a refusal is immediate, this is a backstop).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What the proxy forwards to right now. Switched atomically by `Switch::set`.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// No instance yet (first start): hold new requests until the target becomes Live or Down,
+    /// for at most `wait`; past that answer 503 saying the service is still starting.
+    Starting { wait: Duration },
+    /// Forward to this instance.
+    Live(Arc<Upstream>),
+    /// No instance: answer every request with `status` and this HTML `body` (see [`error_page`]).
+    Down { status: u16, body: String },
+}
+
+/// One instance's address and its in-flight work.
+pub struct Upstream {
+    addr: SocketAddr,
+    /// Requests, upgraded connections and TCP connections to this instance not finished yet.
+    /// Incremented by the proxy when it forwards, decremented by [`InFlight`] on drop;
+    /// `drained()` callers subscribe to it.
+    in_flight: watch::Sender<usize>,
+}
+
+impl Upstream {
+    /// Creates the upstream for an instance listening on `addr`, with nothing in flight.
+    pub fn new(addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            addr,
+            in_flight: watch::Sender::new(0),
+        })
+    }
+
+    /// The instance's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests (and upgraded connections / raw TCP connections) to it not finished yet.
+    pub fn in_flight(&self) -> usize {
+        *self.in_flight.borrow()
+    }
+
+    /// Resolves once `in_flight()` is 0 (immediately if it already is).
+    pub async fn drained(&self) {
+        let mut rx = self.in_flight.subscribe();
+        // The sender lives in `self`, which outlives this borrow, so this cannot fail.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Counts one unit of work on this upstream until the returned guard is dropped.
+    fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("addr", &self.addr)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// One request or connection in flight on an upstream; dropping it ends the count.
+struct InFlight(Arc<Upstream>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// The handle that switches the target; cheap to clone.
+#[derive(Clone)]
+pub struct Switch {
+    /// The current target; every accepted request or connection reads it once.
+    tx: Arc<watch::Sender<Target>>,
+}
+
+impl Switch {
+    /// Creates a switch pointing at `initial`.
+    pub fn new(initial: Target) -> Switch {
+        Switch {
+            tx: Arc::new(watch::Sender::new(initial)),
+        }
+    }
+
+    /// Points new requests and connections at `t`, atomically.
+    pub fn set(&self, t: Target) {
+        self.tx.send_replace(t);
+    }
+
+    /// The current target.
+    pub fn get(&self) -> Target {
+        self.tx.borrow().clone()
+    }
+
+    /// The target for a request arriving now: while Starting, waits (at most its `wait`) for
+    /// the target to become Live or Down, and returns Starting if it did not.
+    async fn settled(&self) -> Target {
+        let mut rx = self.tx.subscribe();
+        let first = rx.borrow_and_update().clone();
+        let Target::Starting { wait } = first else {
+            return first;
+        };
+        let resolved = async {
+            rx.wait_for(|t| !matches!(t, Target::Starting { .. }))
+                .await
+                .map(|t| (*t).clone())
+        };
+        match tokio::time::timeout(wait, resolved).await {
+            Ok(Ok(t)) => t,
+            _ => Target::Starting { wait },
+        }
+    }
+}
+
+impl fmt::Debug for Switch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Switch").field(&*self.tx.borrow()).finish()
+    }
+}
+
+/// A short HTML page naming the service and its state, with a detail line and the last log
+/// lines; every piece of text is HTML-escaped.
+pub fn error_page(service: &str, state: &str, detail: &str, log_tail: &[String]) -> String {
+    let (service, state, detail) = (escape(service), escape(state), escape(detail));
+    let mut html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\">\
+         <title>{service}: {state}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}\
+         pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style></head>\n\
+         <body><h1>{service}: {state}</h1>\n<p>{detail}</p>\n"
+    );
+    if !log_tail.is_empty() {
+        html.push_str("<h2>Last log lines</h2>\n<pre>");
+        for line in log_tail {
+            html.push_str(&escape(line));
+            html.push('\n');
+        }
+        html.push_str("</pre>\n");
+    }
+    html.push_str("<p><small>pmesh-dev</small></p></body></html>\n");
+    html
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown`, forwarding per the switch's current target.
+pub async fn serve_http(
+    listener: TcpListener,
+    service: String,
+    switch: Switch,
+    shutdown: CancellationToken,
+) {
+    let proxy = Arc::new(Proxy {
+        service,
+        switch,
+        client: upstream_client(),
+        shutdown: shutdown.clone(),
+    });
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(serve_connection(proxy.clone(), stream, peer));
+                }
+                Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
+            },
+            // Reap finished connections so the set does not grow with the server's lifetime.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    finish(conns).await;
+}
+
+/// Forwards raw TCP: each new connection goes to the live instance at accept time (Starting:
+/// wait as for HTTP; Down: close).
+pub async fn serve_tcp(
+    listener: TcpListener,
+    _service: String,
+    switch: Switch,
+    shutdown: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(tunnel_tcp(switch.clone(), stream));
+                }
+                Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    finish(conns).await;
+}
+
+/// Gives open connections `SHUTDOWN_GRACE` to finish, then drops whatever is left.
+async fn finish(mut conns: JoinSet<()>) {
+    let all_done = async { while conns.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, all_done).await;
+    conns.shutdown().await;
+}
+
+async fn tunnel_tcp(switch: Switch, mut inbound: TcpStream) {
+    let Target::Live(upstream) = switch.settled().await else {
+        // Down, or still starting past the wait: closing is all raw TCP can say.
+        return;
+    };
+    let _in_flight = upstream.enter();
+    let connect = TcpStream::connect(upstream.addr());
+    let Ok(Ok(mut outbound)) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
+        return;
+    };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+}
+
+/// The body of every response the proxy sends.
+type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Everything a connection handler needs; shared by all connections of one `serve_http`.
+struct Proxy {
+    service: String,
+    switch: Switch,
+    /// One client for all upstreams: its pool is keyed by authority, so instances never share
+    /// connections, and an old instance's idle connections simply expire.
+    client: Client<HttpConnector, Incoming>,
+    /// Tells upgraded tunnels, which outlive their HTTP connection, that the proxy is stopping.
+    shutdown: CancellationToken,
+}
+
+fn upstream_client() -> Client<HttpConnector, Incoming> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        // With a timer the pool also closes expired connections instead of only skipping them.
+        .pool_timer(TokioTimer::new())
+        .retry_canceled_requests(true)
+        .build(connector)
+}
+
+async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let shutdown = proxy.shutdown.clone();
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(peer, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = shutdown.cancelled() => {}
+    }
+    // Finish the request in progress, if any, then close; `finish` bounds how long this takes.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+impl Proxy {
+    async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+        match self.switch.settled().await {
+            Target::Live(upstream) => self.forward(upstream, peer, req).await,
+            Target::Down { status, body } => page(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                body,
+            ),
+            Target::Starting { .. } => {
+                let body = error_page(
+                    &self.service,
+                    "starting",
+                    "The service is still starting; try again in a moment.",
+                    &[],
+                );
+                let mut resp = page(StatusCode::SERVICE_UNAVAILABLE, body);
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                resp
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        upstream: Arc<Upstream>,
+        peer: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let upgrade = upgrade_protocol(req.headers());
+        // Taken before the request moves on: it resolves to the client's raw connection once
+        // our 101 has been written.
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(upstream.addr().to_string())
+            .path_and_query(path)
+            .build();
+        let uri = match uri {
+            Ok(uri) => uri,
+            Err(e) => return page(StatusCode::BAD_REQUEST, self.failure_page(&e.to_string())),
+        };
+        parts.uri = uri;
+        // Keep-alive to the instance regardless of what the client speaks.
+        parts.version = Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        // hyper already answers `Expect: 100-continue` to the client when we read the body.
+        parts.headers.remove(header::EXPECT);
+        if let Some(protocol) = upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        set_forwarded(&mut parts.headers, peer);
+
+        let in_flight = upstream.enter();
+        let mut resp = match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let detail = format!(
+                    "The instance at {} did not answer: {}",
+                    upstream.addr(),
+                    error_chain(&e)
+                );
+                return page(StatusCode::BAD_GATEWAY, self.failure_page(&detail));
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                let detail = "The instance switched protocols on a request that did not ask to.";
+                return page(StatusCode::BAD_GATEWAY, self.failure_page(detail));
+            };
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                // The tunnel counts as in flight on this instance until it closes.
+                let _in_flight = in_flight;
+                tunnel(client_upgrade, backend_upgrade, shutdown).await;
+            });
+            let (mut parts, _) = resp.into_parts();
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(protocol) = protocol {
+                parts.headers.insert(header::UPGRADE, protocol);
+            }
+            return Response::from_parts(parts, empty());
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = Tracked {
+            inner: body,
+            _in_flight: in_flight,
+        };
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+
+    fn failure_page(&self, detail: &str) -> String {
+        error_page(&self.service, "unreachable", detail, &[])
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and its instance until either
+/// side closes, or a grace period after the proxy starts shutting down.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, shutdown: CancellationToken) {
+    let copy = async {
+        let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+            return;
+        };
+        let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+    };
+    let stopped = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        () = copy => {}
+        () = stopped => {}
+    }
+}
+
+/// A response body from an instance that keeps its request counted until it is dropped, which
+/// hyper does once the body has been sent or the client went away.
+struct Tracked {
+    inner: Incoming,
+    _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn page(status: StatusCode, html: String) -> Response<ProxyBody> {
+    let body = Full::new(Bytes::from(html))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The comma-separated tokens of every `Connection` header, lowercased.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The `Upgrade` header of a request that asks to switch protocols.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = connection_tokens(headers).iter().any(|t| t == "upgrade");
+    headers.get(header::UPGRADE).filter(|_| asks).cloned()
+}
+
+/// Removes the headers that describe one hop rather than the message: both sides of the proxy
+/// are separate connections with their own framing and keep-alive.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for token in connection_tokens(headers) {
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Sets `X-Forwarded-For` (appending the client), `-Proto` and `-Host` (from `Host`).
+fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
+    const FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+    let mut chain: Vec<u8> = Vec::new();
+    for value in headers.get_all(&FOR) {
+        chain.extend_from_slice(value.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(peer.ip().to_string().as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&chain) {
+        headers.insert(FOR, value);
+    }
+    headers.insert(PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(HOST, host);
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::future::Future;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+    use tokio::time::{Instant, sleep, timeout};
+
+    type TestBody = UnsyncBoxBody<Bytes, Infallible>;
+
+    /// Every test runs under this hard limit so a bug hangs nothing.
+    async fn within<F: Future>(f: F) -> F::Output {
+        timeout(Duration::from_secs(30), f)
+            .await
+            .expect("test timed out")
+    }
+
+    /// A server task and the token that stops it.
+    struct Server {
+        addr: SocketAddr,
+        stop: CancellationToken,
+        task: JoinHandle<()>,
+    }
+
+    impl Server {
+        async fn stop(self) {
+            self.stop.cancel();
+            timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("server did not stop")
+                .expect("server task failed");
+        }
+    }
+
+    async fn start_proxy(switch: &Switch) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve_http(
+            listener,
+            "web".to_string(),
+            switch.clone(),
+            stop.clone(),
+        ));
+        Server { addr, stop, task }
+    }
+
+    async fn start_tcp_proxy(switch: &Switch) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve_tcp(
+            listener,
+            "db".to_string(),
+            switch.clone(),
+            stop.clone(),
+        ));
+        Server { addr, stop, task }
+    }
+
+    /// An HTTP backend that tags every response with `x-backend: id` and serves:
+    /// `/echo` (streams the request body back), `/headers` (the request headers it saw, one
+    /// per line), `/slow` (headers now, body after 500 ms), `/drip` ("first" now, "second"
+    /// after 1.5 s), `Upgrade: echo` (101 then echoes raw bytes), anything else: the id.
+    async fn backend(id: &'static str) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            // Dropping the set when stopped aborts open connections too.
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    Ok((stream, _)) = listener.accept() => {
+                        let service = service_fn(move |req| backend_handle(id, req));
+                        let conn = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades();
+                        conns.spawn(async move {
+                            let _ = conn.await;
+                        });
+                    }
+                }
+            }
+        });
+        Server { addr, stop, task }
+    }
+
+    async fn backend_handle(
+        id: &'static str,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<TestBody>, Infallible> {
+        let mut resp = if req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v == "echo")
+        {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(io) = on.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let mut resp = Response::new(text(""));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("echo"));
+            resp
+        } else {
+            match req.uri().path() {
+                "/echo" => {
+                    let (tx, body) = chan_body();
+                    // Forward the request body chunk by chunk, as it arrives.
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(frame)) = body.frame().await {
+                            if let Ok(data) = frame.into_data()
+                                && tx.send(data).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    });
+                    Response::new(body)
+                }
+                "/headers" => {
+                    let mut seen = String::new();
+                    for (name, value) in req.headers() {
+                        seen.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                    }
+                    let mut resp = Response::new(text(&seen));
+                    let headers = resp.headers_mut();
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("x-resp-hop"));
+                    headers.insert("x-resp-hop", HeaderValue::from_static("1"));
+                    headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+                    resp
+                }
+                "/slow" => {
+                    let (tx, body) = chan_body();
+                    tokio::spawn(async move {
+                        sleep(Duration::from_millis(500)).await;
+                        let _ = tx.send(Bytes::from(format!("slow {id}"))).await;
+                    });
+                    Response::new(body)
+                }
+                "/drip" => {
+                    let (tx, body) = chan_body();
+                    tokio::spawn(async move {
+                        let _ = tx.send(Bytes::from("first")).await;
+                        sleep(Duration::from_millis(1500)).await;
+                        let _ = tx.send(Bytes::from("second")).await;
+                    });
+                    Response::new(body)
+                }
+                _ => Response::new(text(id)),
+            }
+        };
+        resp.headers_mut()
+            .insert("x-backend", HeaderValue::from_static(id));
+        Ok(resp)
+    }
+
+    /// A raw TCP backend that greets each connection with `id\n`, then echoes.
+    async fn tcp_backend(id: &'static str) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    Ok((mut stream, _)) = listener.accept() => {
+                        conns.spawn(async move {
+                            let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
+                            let (mut r, mut w) = stream.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        });
+                    }
+                }
+            }
+        });
+        Server { addr, stop, task }
+    }
+
+    fn text(s: &str) -> TestBody {
+        Full::new(Bytes::from(s.to_string())).boxed_unsync()
+    }
+
+    /// A streaming body fed through a channel.
+    struct ChanBody(mpsc::Receiver<Bytes>);
+
+    impl Body for ChanBody {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn chan_body() -> (mpsc::Sender<Bytes>, TestBody) {
+        let (tx, rx) = mpsc::channel(4);
+        (tx, ChanBody(rx).boxed_unsync())
+    }
+
+    /// A keep-alive HTTP/1.1 client connection.
+    async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    fn request(method: &str, path: &str, body: TestBody) -> Request<TestBody> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "localhost:8080")
+            .body(body)
+            .unwrap()
+    }
+
+    /// Status, headers and body of one request on a fresh connection.
+    async fn fetch(addr: SocketAddr, req: Request<TestBody>) -> (StatusCode, HeaderMap, String) {
+        let mut send = connect(addr).await;
+        let resp = send.send_request(req).await.expect("no response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body broken").to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        (parts.status, parts.headers, body)
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
+        fetch(addr, request("GET", path, text(""))).await
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn get_and_large_streamed_post_pass_through() {
+        within(async {
+            let a = backend("A").await;
+            let switch = Switch::new(Target::Live(Upstream::new(a.addr)));
+            let proxy = start_proxy(&switch).await;
+
+            let (status, headers, body) = get(proxy.addr, "/").await;
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "A"));
+            assert_eq!(headers["x-backend"], "A");
+
+            // 8 MB sent in 64 KB chunks with no Content-Length, echoed back.
+            let sent = pattern(8 << 20, 3);
+            let (tx, body) = chan_body();
+            let chunks: Vec<Bytes> = sent.chunks(64 << 10).map(Bytes::copy_from_slice).collect();
+            tokio::spawn(async move {
+                for chunk in chunks {
+                    tx.send(chunk).await.unwrap();
+                }
+            });
+            let mut send = connect(proxy.addr).await;
+            let resp = send.send_request(request("POST", "/echo", body)).await;
+            let resp = resp.expect("no response");
+            assert_eq!(resp.status(), StatusCode::OK);
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(got.len(), sent.len());
+            assert!(got == sent, "echoed body differs");
+
+            proxy.stop().await;
+            a.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn bodies_stream_both_ways_without_buffering() {
+        within(async {
+            let a = backend("A").await;
+            let switch = Switch::new(Target::Live(Upstream::new(a.addr)));
+            let proxy = start_proxy(&switch).await;
+            let mut send = connect(proxy.addr).await;
+
+            // The first request chunk comes back before the second is even sent.
+            let (tx, body) = chan_body();
+            tx.send(Bytes::from("ping-1")).await.unwrap();
+            let resp = send.send_request(request("POST", "/echo", body)).await;
+            let mut body = resp.expect("no response").into_body();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(first, "ping-1");
+            tx.send(Bytes::from("ping-2")).await.unwrap();
+            let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(second, "ping-2");
+            drop(tx);
+            assert!(body.frame().await.is_none());
+
+            // A response's first chunk arrives while the backend is still producing the rest.
+            send.ready().await.unwrap();
+            let resp = send.send_request(request("GET", "/drip", text(""))).await;
+            let mut body = resp.expect("no response").into_body();
+            let first = timeout(Duration::from_millis(1000), body.frame()).await;
+            let first = first.expect("first chunk was held back").unwrap().unwrap();
+            assert_eq!(first.into_data().unwrap(), "first");
+            let rest = body.collect().await.unwrap().to_bytes();
+            assert_eq!(rest, "second");
+
+            proxy.stop().await;
+            a.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_dropped_and_forwarded_headers_set() {
+        within(async {
+            let a = backend("A").await;
+            let switch = Switch::new(Target::Live(Upstream::new(a.addr)));
+            let proxy = start_proxy(&switch).await;
+
+            let req = Request::builder()
+                .uri("/headers")
+                .header(header::HOST, "example.test:8080")
+                .header(header::CONNECTION, "keep-alive, X-Custom-Hop")
+                .header("x-custom-hop", "1")
+                .header("keep-alive", "timeout=5")
+                .header("proxy-connection", "keep-alive")
+                .header(header::TE, "trailers")
+                .header("x-forwarded-for", "10.0.0.1")
+                .header("x-kept", "yes")
+                .body(text(""))
+                .unwrap();
+            let (status, headers, seen) = fetch(proxy.addr, req).await;
+            assert_eq!(status, StatusCode::OK);
+            let seen: Vec<&str> = seen.lines().collect();
+            for gone in [
+                "x-custom-hop",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "connection",
+            ] {
+                assert!(
+                    !seen.iter().any(|l| l.starts_with(&format!("{gone}:"))),
+                    "{gone} reached the backend: {seen:?}"
+                );
+            }
+            for want in [
+                "x-forwarded-for: 10.0.0.1, 127.0.0.1",
+                "x-forwarded-proto: http",
+                "x-forwarded-host: example.test:8080",
+                "host: example.test:8080",
+                "x-kept: yes",
+            ] {
+                assert!(seen.contains(&want), "expected {want:?} in {seen:?}");
+            }
+            // And on the way back.
+            assert!(headers.get("x-resp-hop").is_none(), "{headers:?}");
+            assert!(headers.get("keep-alive").is_none(), "{headers:?}");
+            assert_eq!(headers["x-backend"], "A");
+
+            proxy.stop().await;
+            a.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn starting_holds_requests_until_live() {
+        within(async {
+            let a = backend("A").await;
+            let switch = Switch::new(Target::Starting {
+                wait: Duration::from_secs(10),
+            });
+            let proxy = start_proxy(&switch).await;
+
+            let held = tokio::spawn(get(proxy.addr, "/"));
+            sleep(Duration::from_millis(300)).await;
+            assert!(!held.is_finished(), "request was not held");
+            switch.set(Target::Live(Upstream::new(a.addr)));
+            let (status, _, body) = held.await.unwrap();
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "A"));
+
+            proxy.stop().await;
+            a.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn starting_then_down_answers_held_requests_with_the_error() {
+        within(async {
+            let switch = Switch::new(Target::Starting {
+                wait: Duration::from_secs(10),
+            });
+            let proxy = start_proxy(&switch).await;
+
+            let held = tokio::spawn(get(proxy.addr, "/"));
+            sleep(Duration::from_millis(200)).await;
+            switch.set(Target::Down {
+                status: 503,
+                body: "build failed".to_string(),
+            });
+            let (status, _, body) = held.await.unwrap();
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::SERVICE_UNAVAILABLE, "build failed")
+            );
+
+            proxy.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn starting_past_wait_answers_503() {
+        within(async {
+            let switch = Switch::new(Target::Starting {
+                wait: Duration::from_millis(200),
+            });
+            let proxy = start_proxy(&switch).await;
+
+            let started = Instant::now();
+            let (status, headers, body) = get(proxy.addr, "/").await;
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+            assert!(body.contains("web") && body.contains("starting"), "{body}");
+
+            proxy.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn down_answers_its_status_and_body() {
+        within(async {
+            let page = error_page("web", "restarting", "exit 1", &["<boom>".to_string()]);
+            let switch = Switch::new(Target::Down {
+                status: 502,
+                body: page.clone(),
+            });
+            let proxy = start_proxy(&switch).await;
+
+            let (status, headers, body) = get(proxy.addr, "/anything").await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY);
+            assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+            assert_eq!(body, page);
+
+            proxy.stop().await;
+        })
+        .await;
+    }
+
+    #[test]
+    fn error_page_escapes_html() {
+        let page = error_page(
+            "w<eb>",
+            "crashed & restarting",
+            "\"quoted\" 'x'",
+            &["<script>alert(1)</script>".to_string()],
+        );
+        assert!(page.contains("w&lt;eb&gt;"));
+        assert!(page.contains("crashed &amp; restarting"));
+        assert!(page.contains("&quot;quoted&quot; &#39;x&#39;"));
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(!page.contains("<script>"));
+    }
+
+    #[tokio::test]
+    async fn gone_backend_answers_502_not_a_reset() {
+        within(async {
+            let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = gone.local_addr().unwrap();
+            drop(gone);
+            let upstream = Upstream::new(addr);
+            let switch = Switch::new(Target::Live(upstream.clone()));
+            let proxy = start_proxy(&switch).await;
+
+            let mut send = connect(proxy.addr).await;
+            for _ in 0..2 {
+                // The client connection survives the failure: keep-alive still works.
+                send.ready()
+                    .await
+                    .expect("proxy closed the client connection");
+                let resp = send.send_request(request("GET", "/", text(""))).await;
+                let resp = resp.expect("connection reset instead of a 502");
+                assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let body = String::from_utf8_lossy(&body);
+                assert!(
+                    body.contains("web") && body.contains(&addr.to_string()),
+                    "{body}"
+                );
+            }
+            assert_eq!(upstream.in_flight(), 0);
+
+            proxy.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn switching_under_keep_alive_load_loses_nothing() {
+        within(async {
+            let a = backend("A").await;
+            let b = backend("B").await;
+            let (up_a, up_b) = (Upstream::new(a.addr), Upstream::new(b.addr));
+            let switch = Switch::new(Target::Live(up_a.clone()));
+            let proxy = start_proxy(&switch).await;
+            let end = Instant::now() + Duration::from_secs(2);
+
+            let mut clients = Vec::new();
+            for task in 0..8 {
+                let addr = proxy.addr;
+                clients.push(tokio::spawn(async move {
+                    let mut send = connect(addr).await;
+                    let (mut done, mut failures, mut served) = (0, Vec::new(), HashSet::new());
+                    while Instant::now() < end {
+                        if send.ready().await.is_err() {
+                            failures.push(format!("task {task}: connection closed"));
+                            send = connect(addr).await;
+                            continue;
+                        }
+                        let post = done % 2 == 1;
+                        let sent = pattern(32 << 10, task * 1000 + done);
+                        let req = if post {
+                            request(
+                                "POST",
+                                "/echo",
+                                Full::new(Bytes::from(sent.clone())).boxed_unsync(),
+                            )
+                        } else {
+                            request("GET", "/", text(""))
+                        };
+                        let resp = match send.send_request(req).await {
+                            Ok(resp) => resp,
+                            Err(e) => {
+                                failures.push(format!("task {task}: {e}"));
+                                continue;
+                            }
+                        };
+                        let status = resp.status();
+                        let id = resp.headers().get("x-backend").cloned();
+                        let body = resp.into_body().collect().await.map(|c| c.to_bytes());
+                        match (status, id, body) {
+                            (StatusCode::OK, Some(id), Ok(body)) => {
+                                if post && body != sent {
+                                    failures.push(format!("task {task}: echo differs"));
+                                }
+                                if !post && body != id.as_bytes() {
+                                    failures.push(format!("task {task}: {body:?} from {id:?}"));
+                                }
+                                served.insert(id.to_str().unwrap().to_string());
+                            }
+                            (status, _, body) => {
+                                failures.push(format!("task {task}: {status} {body:?}"))
+                            }
+                        }
+                        done += 1;
+                    }
+                    (done, failures, served)
+                }));
+            }
+
+            let mut flips = 0;
+            while Instant::now() < end {
+                sleep(Duration::from_millis(100)).await;
+                flips += 1;
+                let next = if flips % 2 == 1 { &up_b } else { &up_a };
+                switch.set(Target::Live(next.clone()));
+            }
+
+            let (mut total, mut failures, mut served) = (0, Vec::new(), HashSet::new());
+            for client in clients {
+                let (done, f, s) = client.await.unwrap();
+                assert!(done > 10, "a client made only {done} requests");
+                total += done;
+                failures.extend(f);
+                served.extend(s);
+            }
+            assert!(
+                failures.is_empty(),
+                "{} of {total} failed: {failures:?}",
+                failures.len()
+            );
+            assert_eq!(served, HashSet::from(["A".to_string(), "B".to_string()]));
+            // Everything sent to either instance has finished.
+            up_a.drained().await;
+            up_b.drained().await;
+
+            proxy.stop().await;
+            a.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_the_slow_response_on_the_old_instance() {
+        within(async {
+            let a = backend("A").await;
+            let b = backend("B").await;
+            let old = Upstream::new(a.addr);
+            let switch = Switch::new(Target::Live(old.clone()));
+            let proxy = start_proxy(&switch).await;
+
+            let fresh = Upstream::new(b.addr);
+            timeout(Duration::from_millis(100), fresh.drained())
+                .await
+                .expect("an idle upstream is drained at once");
+
+            let slow = tokio::spawn(get(proxy.addr, "/slow"));
+            while old.in_flight() == 0 {
+                sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(old.in_flight(), 1);
+            switch.set(Target::Live(fresh.clone()));
+
+            // New requests go to the new instance while the old one finishes its work.
+            let (_, _, body) = get(proxy.addr, "/").await;
+            assert_eq!(body, "B");
+            assert_eq!(old.in_flight(), 1);
+            assert!(!slow.is_finished());
+
+            let drained = tokio::spawn({
+                let old = old.clone();
+                async move { old.drained().await }
+            });
+            sleep(Duration::from_millis(100)).await;
+            assert!(!drained.is_finished(), "drained before the slow response");
+            let (status, _, body) = slow.await.unwrap();
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "slow A"));
+            drained.await.unwrap();
+            assert_eq!(old.in_flight(), 0);
+
+            proxy.stop().await;
+            a.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
+
+    /// Reads from `stream` until the end of an HTTP response head.
+    async fn read_head(stream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.unwrap();
+            assert!(n == 1, "connection closed mid-head: {head:?}");
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    #[tokio::test]
+    async fn upgrades_pass_through_and_count_as_in_flight() {
+        within(async {
+            let a = backend("A").await;
+            let upstream = Upstream::new(a.addr);
+            let switch = Switch::new(Target::Live(upstream.clone()));
+            let proxy = start_proxy(&switch).await;
+
+            let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+            stream
+                .write_all(
+                    b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\
+                      Connection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            let head = read_head(&mut stream).await;
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            let lower = head.to_ascii_lowercase();
+            assert!(lower.contains("upgrade: echo"), "{head}");
+            assert!(lower.contains("connection: upgrade"), "{head}");
+
+            for message in [&b"hello"[..], b"over the tunnel"] {
+                stream.write_all(message).await.unwrap();
+                let mut got = vec![0u8; message.len()];
+                stream.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, message);
+            }
+            assert_eq!(upstream.in_flight(), 1);
+
+            drop(stream);
+            timeout(Duration::from_secs(5), upstream.drained())
+                .await
+                .expect("closed tunnel still counted");
+
+            proxy.stop().await;
+            a.stop().await;
+        })
+        .await;
+    }
+
+    async fn tcp_greeting(stream: &mut TcpStream) -> String {
+        let mut greeting = [0u8; 2];
+        stream.read_exact(&mut greeting).await.unwrap();
+        String::from_utf8_lossy(&greeting).into_owned()
+    }
+
+    #[tokio::test]
+    async fn tcp_forwards_to_the_live_instance_at_accept_time() {
+        within(async {
+            let a = tcp_backend("A").await;
+            let b = tcp_backend("B").await;
+            let (up_a, up_b) = (Upstream::new(a.addr), Upstream::new(b.addr));
+            let switch = Switch::new(Target::Starting {
+                wait: Duration::from_secs(10),
+            });
+            let proxy = start_tcp_proxy(&switch).await;
+
+            // Held while starting, then forwarded.
+            let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+            sleep(Duration::from_millis(100)).await;
+            switch.set(Target::Live(up_a.clone()));
+            assert_eq!(tcp_greeting(&mut first).await, "A\n");
+
+            switch.set(Target::Live(up_b.clone()));
+            let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+            assert_eq!(tcp_greeting(&mut second).await, "B\n");
+
+            // The old connection stays with its instance, and is counted there.
+            assert_eq!((up_a.in_flight(), up_b.in_flight()), (1, 1));
+            first.write_all(b"still A").await.unwrap();
+            let mut echoed = [0u8; 7];
+            first.read_exact(&mut echoed).await.unwrap();
+            assert_eq!(&echoed, b"still A");
+            drop(first);
+            timeout(Duration::from_secs(5), up_a.drained())
+                .await
+                .expect("closed connection still counted");
+
+            // Down: new connections are closed.
+            switch.set(Target::Down {
+                status: 502,
+                body: String::new(),
+            });
+            let mut third = TcpStream::connect(proxy.addr).await.unwrap();
+            let mut buf = [0u8; 8];
+            let n = third.read(&mut buf).await.unwrap_or(0);
+            assert_eq!(n, 0);
+
+            drop(second);
+            proxy.stop().await;
+            a.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_the_response_in_progress_finish() {
+        within(async {
+            let a = backend("A").await;
+            let switch = Switch::new(Target::Live(Upstream::new(a.addr)));
+            let proxy = start_proxy(&switch).await;
+
+            // An idle keep-alive connection must not hold shutdown up.
+            let mut idle = connect(proxy.addr).await;
+            let resp = idle
+                .send_request(request("GET", "/", text("")))
+                .await
+                .unwrap();
+            resp.into_body().collect().await.unwrap();
+
+            let slow = tokio::spawn(get(proxy.addr, "/slow"));
+            sleep(Duration::from_millis(100)).await;
+            let started = Instant::now();
+            proxy.stop.cancel();
+            let (status, _, body) = slow.await.unwrap();
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "slow A"));
+            proxy.task.await.unwrap();
+            assert!(
+                started.elapsed() < SHUTDOWN_GRACE,
+                "shutdown waited for idle connections"
+            );
+            assert!(
+                TcpStream::connect(proxy.addr).await.is_err(),
+                "still accepting"
+            );
+
+            a.stop().await;
+        })
+        .await;
+    }
+}

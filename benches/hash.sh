@@ -1,0 +1,446 @@
+#!/usr/bin/env bash
+# Benchmark of `pmesh-dev hash` against the tools a user would compare it with.
+#
+#   benches/hash.sh                       # RUNS=5, tree in /tmp/pmesh-bench-tree
+#   RUNS=9 BENCH_DIR=/some/where benches/hash.sh
+#
+# It builds pmesh-dev in release, makes (once; reused afterwards) a generated JS-monorepo-like
+# git repository of ~110k files in ~45k directories with nested .gitignore files and ignored
+# node_modules/dist trees, and prints, as medians of $RUNS runs:
+#   cold `pmesh-dev hash`  (no digest cache)    vs  git ls-files -z | xargs -0 -P<cores> xxhsum -H2
+#                                                   (run with -q, which only silences the progress
+#                                                   line xxhsum writes to stderr for big files)
+#   warm `pmesh-dev hash`  (cache, no change)   vs  git status --porcelain
+#   peak RSS of both pmesh-dev runs, and the --stats breakdown of where the time goes.
+# The OS page cache is warm for every tool (nothing is dropped between runs): "cold" means
+# "without pmesh-dev's digest cache", not "from disk".
+# It is a benchmark, not a test: it always exits 0 once it got to measuring.
+set -euo pipefail
+export LC_ALL=C
+
+RUNS=${RUNS:-5}
+BENCH_DIR=${BENCH_DIR:-/tmp/pmesh-bench-tree}
+CORES=$(nproc)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MARKER_NAME=pmesh-bench-tree-v1 # lives in .git/, so neither git nor pmesh-dev sees it
+
+log() { printf '%s\n' "$*" >&2; }
+
+# --- tools -----------------------------------------------------------------------------------
+need=()
+command -v xxhsum >/dev/null || need+=(xxhash)
+[ -x /usr/bin/time ] || need+=(time)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# --- pmesh-dev --------------------------------------------------------------------------------
+log "building pmesh-dev (release)"
+(cd "$REPO" && cargo build --release --quiet)
+PMESH="$REPO/target/release/pmesh-dev"
+
+# Global and system git configuration must not matter (excludes, hooks, fsmonitor, ...).
+GIT_HOME=$(mktemp -d)
+trap 'rm -rf "$GIT_HOME"' EXIT
+export HOME="$GIT_HOME" GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null
+unset XDG_CONFIG_HOME GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE
+
+# --- the tree ---------------------------------------------------------------------------------
+generate_tree() {
+    local dir=$1
+    python3 - "$dir" <<'PY'
+import os, random, sys
+
+root = sys.argv[1]
+rng = random.Random(20240611)
+
+# Text that looks like source, reused as the body of every file (each file gets its own
+# header and offset, so no two files are alike).
+words = ("const let function return import export from default async await if else for "
+         "while switch case break new this props state useState useEffect render component "
+         "string number boolean undefined null true false => ( ) { } [ ] ; , . = + - * / < > "
+         "type interface extends implements class public private readonly value data item "
+         "items index key id name user error result response request options config").split()
+lines, total = [], 0
+while total < 6 << 20:
+    n = rng.randint(0, 12)
+    line = "  " * rng.randint(0, 4) + " ".join(rng.choice(words) for _ in range(n)) + "\n"
+    lines.append(line)
+    total += len(line)
+TEXT = "".join(lines).encode()
+TL = len(TEXT)
+
+def body(size, header):
+    h = header.encode()
+    n = max(0, size - len(h))
+    off = rng.randrange(TL)
+    out = TEXT[off:off + n]
+    while len(out) < n:
+        out += TEXT[: n - len(out)]
+    return h + out
+
+def src_size():
+    r = rng.random()
+    if r < 0.003:                       # a few larger files (bundles, fixtures, images)
+        return int(rng.uniform(50e3, 1e6) if rng.random() < 0.5 else 10 ** rng.uniform(4.7, 6))
+    return int(10 ** rng.uniform(2.3, 4.3))   # 200 B .. 20 KB, log-uniform
+
+files = 0
+dirs = 0
+def mkdir(p):
+    global dirs
+    os.makedirs(p, exist_ok=True)
+    dirs += 1
+def write(p, data, mode=None):
+    global files
+    with open(p, "wb") as f:
+        f.write(data)
+    if mode:
+        os.chmod(p, mode)
+    files += 1
+def text(p, size=None):
+    rel = os.path.relpath(p, root)
+    write(p, body(size or src_size(), "// %s\n" % rel))
+ignored = 0
+def itext(p, size=None):   # a file the ignore rules exclude
+    global ignored
+    text(p, size)
+    ignored += 1
+
+DIRWORDS = ("components utils hooks lib api services models views pages routes store reducers "
+            "actions selectors helpers types constants config styles assets icons i18n locales "
+            "middleware core common shared internal features widgets layouts forms tables charts "
+            "auth admin settings profile dashboard billing search editor modals __tests__ "
+            "__mocks__ fixtures adapters plugins schemas validators graphql queries mutations "
+            "workers server client").split()
+ADJ = "User Account Order Invoice Product Cart Search Filter Date Time Modal Side Top Nav Data Grid List Item Card Form Input Select Toggle Chart Map File Image Video Audio Chat Message Team Project Task Report Event Billing Plan Token Session Theme Layout Page Panel Tab Menu Button Badge Avatar Tooltip Popover Toast".split()
+NOUN = "View Card Row List Item Panel Header Footer Body Dialog Editor Picker Viewer Table Field Group Section Wizard Step Summary Detail Preview Provider Context Store Service Client Hook Utils".split()
+EXTS = [(".ts", 30), (".tsx", 25), (".js", 8), (".test.ts", 10), (".test.tsx", 6), (".css", 5),
+        (".scss", 3), (".json", 4), (".md", 3), (".svg", 3), (".snap", 2), (".d.ts", 1)]
+EXT_NAMES = [e for e, _ in EXTS]
+EXT_W = [w for _, w in EXTS]
+
+os.makedirs(root, exist_ok=True)
+write(os.path.join(root, ".gitignore"),
+      b"# generated monorepo\nnode_modules/\ndist/\n*.log\n!keep.log\n.pmesh/\ncoverage/\n")
+write(os.path.join(root, "package.json"), b'{"name": "bench-monorepo", "private": true, "workspaces": ["packages/*", "apps/*"]}\n')
+text(os.path.join(root, "README.md"), 4000)
+text(os.path.join(root, "tsconfig.json"), 900)
+write(os.path.join(root, ".env"), b"API_URL=http://localhost:8080\n")
+mkdir(os.path.join(root, "fixtures"))
+text(os.path.join(root, "fixtures", "large-data.json"), 6 << 20)   # exercises the streamed read
+text(os.path.join(root, "fixtures", "medium-data.json"), 3 << 20)
+mkdir(os.path.join(root, "scripts"))
+for i in range(12):
+    text(os.path.join(root, "scripts", "task-%02d.sh" % i), 1500)
+    os.chmod(os.path.join(root, "scripts", "task-%02d.sh" % i), 0o755)
+write(os.path.join(root, "scripts", "release notes – ünïcode.md"), b"# notes\n")
+write(os.path.join(root, "scripts", "-leading-dash.txt"), b"dash\n")
+
+# Packages and apps, each a tree grown at random.
+pkgs = ["packages/pkg-%03d" % i for i in range(150)] + ["apps/app-%02d" % i for i in range(10)]
+mkdir(os.path.join(root, "packages")); mkdir(os.path.join(root, "apps"))
+TRACKED_DIRS = 41500
+per_pkg = TRACKED_DIRS // len(pkgs)
+tracked_dirs = []   # absolute paths of directories that hold tracked source files
+for pi, pkg in enumerate(pkgs):
+    base = os.path.join(root, pkg)
+    mkdir(base)
+    write(os.path.join(base, "package.json"), ('{"name": "@bench/%s", "version": "1.0.%d"}\n' % (os.path.basename(pkg), pi)).encode())
+    text(os.path.join(base, "README.md"))
+    text(os.path.join(base, "tsconfig.json"), 600)
+    write(os.path.join(base, ".env"), ("PKG=%d\n" % pi).encode())
+    write(os.path.join(base, ".eslintrc.json"), b'{"extends": "../../.eslintrc.json"}\n')
+    if pi % 3 == 0:   # package-level ignore file with a negation
+        write(os.path.join(base, ".gitignore"), b"build/\n*.tmp\n!keep.tmp\n")
+        mkdir(os.path.join(base, "build"))
+        for j in range(rng.randint(10, 30)):
+            itext(os.path.join(base, "build", "out-%d.js" % j))
+        itext(os.path.join(base, "scratch.tmp"), 300)
+        text(os.path.join(base, "keep.tmp"), 300)
+    if pi % 2 == 0:   # ignored build output
+        d = os.path.join(base, "dist"); mkdir(d); mkdir(os.path.join(d, "chunks"))
+        for j in range(rng.randint(8, 20)):
+            itext(os.path.join(d, "index-%d.js" % j))
+            itext(os.path.join(d, "chunks", "c%d.js" % j))
+    if pi % 5 == 0:   # package-local node_modules (ignored by the root .gitignore)
+        for j in range(rng.randint(3, 8)):
+            d = os.path.join(base, "node_modules", "dep-%d" % j, "lib"); os.makedirs(d); dirs += 2
+            for k in range(rng.randint(3, 10)):
+                itext(os.path.join(d, "m%d.js" % k))
+    if pi % 4 == 0:
+        itext(os.path.join(base, "debug.log"), 2000)   # ignored
+        text(os.path.join(base, "keep.log"), 500)     # tracked through the negation
+    # The source tree: grow directories under src/ and test/ by picking a random parent.
+    tree = []
+    for top in ("src", "test"):
+        p = os.path.join(base, top); mkdir(p); tree.append(p)
+    children = {}
+    while len(tree) < per_pkg:
+        parent = rng.choice(tree)
+        used = children.setdefault(parent, set())
+        name = rng.choice(DIRWORDS) if rng.random() < 0.5 else rng.choice(ADJ) + rng.choice(NOUN)
+        if name in used:
+            continue
+        used.add(name)
+        p = os.path.join(parent, name); mkdir(p); tree.append(p)
+    tracked_dirs.extend(tree)
+
+# Deeper ignore files in some source directories.
+for d in rng.sample(tracked_dirs, 400):
+    write(os.path.join(d, ".gitignore"), b"__generated__/\n*.gen.ts\n!keep.gen.ts\n")
+    g = os.path.join(d, "__generated__"); mkdir(g)
+    for j in range(rng.randint(2, 6)):
+        itext(os.path.join(g, "schema-%d.ts" % j))
+    itext(os.path.join(d, "api.gen.ts"))
+    text(os.path.join(d, "keep.gen.ts"))
+
+# Source files spread unevenly over the directories (many with 0-3, some with dozens).
+SRC_FILES = 100500 - 360 - (files - ignored)   # 360: keep.log and icon.png below
+weights = [rng.expovariate(1.0) ** 2 for _ in tracked_dirs]
+names_in = {}
+for d in rng.choices(tracked_dirs, weights, k=SRC_FILES):
+    used = names_in.setdefault(d, set())
+    while True:
+        stem = rng.choice(ADJ) + rng.choice(NOUN)
+        name = stem + rng.choices(EXT_NAMES, EXT_W)[0]
+        if name not in used:
+            break
+    used.add(name)
+    text(os.path.join(d, name))
+for d in rng.sample(tracked_dirs, 60):
+    text(os.path.join(d, "keep.log"), 400)       # tracked through the root negation
+    itext(os.path.join(d, "trace.log"), 4000)     # ignored
+for d in rng.sample(tracked_dirs, 300):
+    write(os.path.join(d, "icon.png"), rng.randbytes(rng.randint(500, 30000)))
+
+# The root node_modules: many small files in many directories, never hashed.
+nm = os.path.join(root, "node_modules"); mkdir(nm); mkdir(os.path.join(nm, ".bin"))
+mkdir(os.path.join(nm, "@bench"))
+for i in range(420):
+    p = os.path.join(nm, "lib-%03d" % i); mkdir(p)
+    write(os.path.join(p, "package.json"), ('{"name": "lib-%03d"}\n' % i).encode()); ignored += 1
+    itext(os.path.join(p, "index.js"))
+    for sub in range(rng.randint(1, 5)):
+        s = os.path.join(p, "lib" if sub == 0 else "lib/sub%d" % sub); mkdir(s)
+        for k in range(rng.randint(2, 6)):
+            itext(os.path.join(s, "f%d.js" % k))
+    if i % 7 == 0:
+        os.symlink("../lib-%03d/index.js" % i, os.path.join(nm, ".bin", "lib-%03d" % i))
+for pkg in pkgs[:40]:
+    os.symlink(os.path.join("..", "..", pkg), os.path.join(nm, "@bench", os.path.basename(pkg)))
+
+print("generated %d files (%d of them ignored) in ~%d directories" % (files, ignored, dirs), file=sys.stderr)
+PY
+}
+
+make_tree() {
+    local dir=$BENCH_DIR
+    if [ -f "$dir/.git/$MARKER_NAME" ]; then
+        log "reusing the tree in $dir"
+        return
+    fi
+    if [ -e "$dir" ]; then
+        if [ -f "$dir/.pmesh-bench-partial" ] || [ -f "$dir/.git/pmesh-bench-partial" ] ||
+            [ -z "$(ls -A "$dir")" ]; then
+            rm -rf "$dir"
+        else
+            log "error: $dir exists and is not a tree made by this script; set BENCH_DIR elsewhere"
+            exit 2
+        fi
+    fi
+    mkdir -p "$dir"
+    : >"$dir/.pmesh-bench-partial"
+    local t0=$EPOCHREALTIME
+    log "generating the tree in $dir"
+    generate_tree "$dir"
+    write_manifest
+    log "committing it to git (once)"
+    git -C "$dir" init -q -b main
+    git -C "$dir" config user.name "pmesh bench"
+    git -C "$dir" config user.email "bench@pmesh.invalid"
+    no_auto_gc "$dir"
+    mv "$dir/.pmesh-bench-partial" "$dir/.git/pmesh-bench-partial" # out of git's and pmesh's sight
+    git -C "$dir" -c core.looseCompression=1 add -A
+    git -C "$dir" commit -q -m "generated tree"
+    mv "$dir/.git/pmesh-bench-partial" "$dir/.git/$MARKER_NAME"
+    sync # so that writeback of the new tree does not run during the measurements
+    log "tree ready in $(ms_since "$t0") ms"
+}
+
+# A background `git gc --auto` (100k loose objects trigger it) would run during the measurements.
+no_auto_gc() {
+    git -C "$1" config gc.auto 0
+    git -C "$1" config maintenance.auto false
+}
+
+write_manifest() {
+    local want
+    want=$'[services.tree]\nroot = "."\nbuild = ["true"]\n'
+    # Rewrite only when different, so a reused tree stays clean for git.
+    if [ ! -f "$BENCH_DIR/pmesh.toml" ] || [ "$(cat "$BENCH_DIR/pmesh.toml")"$'\n' != "$want" ]; then
+        printf '%s' "$want" >"$BENCH_DIR/pmesh.toml"
+    fi
+}
+
+# --- timing helpers ---------------------------------------------------------------------------
+us_now() { local t=${EPOCHREALTIME/./}; echo $((10#$t)); }
+ms_since() { local t0=${1/./} t1=${EPOCHREALTIME/./}; echo $(((10#$t1 - 10#$t0) / 1000)); }
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+fmt_ms() { awk -v u="$1" 'BEGIN {printf "%.1f ms", u/1000}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2fx", a/b; else print "n/a"}'; }
+verdict() { awk -v a="$1" -v b="$2" -v lim="$3" 'BEGIN {print ((b > 0 && a/b <= lim) ? "met" : "MISSED")}'; }
+
+# Median of each --stats phase over the lines of file $1.
+phase_medians() {
+    awk '{for (i = 1; i < NF; i++) if ($(i+1) ~ /ms[,;]?$/ && $i ~ /^(load|walk\+stat\+read|sort\+id|save)$/) {v = $(i+1); sub(/ms.*/, "", v); print $i, v}}' "$1" |
+        sort -k1,1 -k2,2n |
+        awk '{v[$1] = v[$1] " " $2; n[$1]++} END {
+            split("load walk+stat+read sort+id save", order, " ");
+            for (k = 1; k <= 4; k++) {p = order[k]; split(substr(v[p], 2), a, " "); c = n[p];
+                m = (c % 2) ? a[(c+1)/2] : (a[c/2] + a[c/2+1]) / 2;
+                printf "%s%s %.1f ms", (k > 1 ? ", " : ""), p, m}
+            print ""}'
+}
+
+# Runs "$@" (in the tree) and prints its wall time and the CPU time (user + system) of the
+# processes it ran, in microseconds. Call it in $(...): the fresh subshell starts with zero
+# child CPU time, and `times` reports what its children used.
+time_us() {
+    local t0 t1 cpu
+    t0=$(us_now)
+    "$@" >/dev/null
+    t1=$(us_now)
+    times >"$GIT_HOME/times"
+    cpu=$(awk 'NR == 2 {t = 0; for (i = 1; i <= 2; i++) {split($i, a, /[ms]/); t += a[1] * 60 + a[2]}; printf "%d", t * 1e6}' "$GIT_HOME/times")
+    echo "$((t1 - t0)) $cpu"
+}
+wall() { echo "${1% *}"; }
+cpu() { echo "${1#* }"; }
+
+# Every timed pmesh-dev run also appends its --stats line (stderr) to $STATS_LOG.
+pm_hash() { "$PMESH" hash tree --stats 2>>"$STATS_LOG"; }
+xxh_pipeline() { git ls-files -z | xargs -0 -P"$CORES" -n 1000 xxhsum -q -H2; }
+git_status() { git status --porcelain; }
+
+# ==============================================================================================
+make_tree
+write_manifest
+no_auto_gc "$BENCH_DIR"
+cd "$BENCH_DIR"
+
+if [ -n "$(git status --porcelain | head -5)" ]; then
+    log "warning: the tree is not clean for git; git status will be slower than on a clean repo:"
+    git status --porcelain | head -5 >&2
+fi
+
+# Counts.
+total_files=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o ! -type d -print | wc -l)
+total_dirs=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -type d -print | wc -l)
+git_files=$(git ls-files | wc -l)
+rm -f .pmesh/digests
+pm_json=$("$PMESH" hash tree --json)
+pm_files=$(sed -E 's/.*"files": *([0-9]+).*/\1/' <<<"$pm_json")
+pm_bytes=$(sed -E 's/.*"bytes": *([0-9]+).*/\1/' <<<"$pm_json")
+tracked_ignore_files=$(git ls-files | grep -cE '(^|/)\.(git)?ignore$' || true)
+log "tree: $total_files files (symlinks included) in $total_dirs directories (root included)"
+log "pmesh-dev hashes $pm_files files ($pm_bytes bytes); git tracks $git_files (pmesh.toml is tracked but never hashed; $tracked_ignore_files ignore files counted by both)"
+if [ "$git_files" -ne $((pm_files + 1)) ]; then
+    log "warning: file counts differ by $((git_files - pm_files)), expected 1 (pmesh.toml)"
+fi
+
+# Correctness, cheaply: pmesh-dev's per-file digests are xxh3-128, as xxhsum -H2 prints them.
+digest_check=ok
+list=$("$PMESH" hash tree --list)
+for f in fixtures/large-data.json package.json "$(git -c core.quotePath=false ls-files | sed -n '50000p')"; do
+    want=$(xxhsum -q -H2 -- "$f" | awk '{print $1}')
+    got=$(awk -v p="$f" 'substr($0, 35) == p {print $1}' <<<"$list")
+    if [ "$want" != "$got" ]; then
+        digest_check="MISMATCH"
+        log "digest mismatch for $f: pmesh-dev '${got:-<missing>}', xxhsum -H2 '$want'"
+    fi
+done
+log "per-file digests vs xxhsum -H2 on 3 files: $digest_check"
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+# --- cold: no digest cache vs xxhsum over the same files --------------------------------------
+log "cold: pmesh-dev hash without its digest cache vs git ls-files | xargs -P$CORES xxhsum -H2 ($RUNS runs each, interleaved; page cache warm)"
+STATS_LOG=/dev/null
+rm -f .pmesh/digests; pm_hash >/dev/null; xxh_pipeline >/dev/null   # warm the page cache for both
+STATS_LOG="$GIT_HOME/stats-cold"
+cold=(); xxh=()
+cold_cpu=(); xxh_cpu=()
+for ((i = 1; i <= RUNS; i++)); do
+    rm -f .pmesh/digests
+    r=$(time_us pm_hash); cold+=("$(wall "$r")"); cold_cpu+=("$(cpu "$r")")
+    r=$(time_us xxh_pipeline); xxh+=("$(wall "$r")"); xxh_cpu+=("$(cpu "$r")")
+    log "  run $i: pmesh-dev $(fmt_ms "${cold[-1]}") (cpu $(fmt_ms "${cold_cpu[-1]}")), xxhsum $(fmt_ms "${xxh[-1]}") (cpu $(fmt_ms "${xxh_cpu[-1]}"))"
+done
+rm -f .pmesh/digests
+cold_stats=$(/usr/bin/time -f 'RSS %M' -o "$GIT_HOME/rss-cold" "$PMESH" hash tree --stats 2>&1 >/dev/null)
+rss_cold=$(awk '/^RSS/ {print $2}' "$GIT_HOME/rss-cold")
+
+# --- warm: cache present, nothing changed, vs git status --------------------------------------
+log "warm: filling the digest cache and git's index, then waiting out the 2 s racy window"
+STATS_LOG=/dev/null
+git status --porcelain >/dev/null
+pm_hash >/dev/null
+sleep 2.2
+git status --porcelain >/dev/null
+pm_hash >/dev/null
+STATS_LOG="$GIT_HOME/stats-warm"
+log "warm: pmesh-dev hash with its cache vs git status --porcelain ($RUNS runs each, interleaved)"
+warm=(); gst=()
+warm_cpu=(); gst_cpu=()
+for ((i = 1; i <= RUNS; i++)); do
+    r=$(time_us pm_hash); warm+=("$(wall "$r")"); warm_cpu+=("$(cpu "$r")")
+    r=$(time_us git_status); gst+=("$(wall "$r")"); gst_cpu+=("$(cpu "$r")")
+    log "  run $i: pmesh-dev $(fmt_ms "${warm[-1]}") (cpu $(fmt_ms "${warm_cpu[-1]}")), git status $(fmt_ms "${gst[-1]}") (cpu $(fmt_ms "${gst_cpu[-1]}"))"
+done
+warm_stats=$(/usr/bin/time -f 'RSS %M' -o "$GIT_HOME/rss-warm" "$PMESH" hash tree --stats 2>&1 >/dev/null)
+rss_warm=$(awk '/^RSS/ {print $2}' "$GIT_HOME/rss-warm")
+if grep -qv 'files read 0 ' "$STATS_LOG"; then
+    log "note: some warm runs still read files:"
+    grep -v 'files read 0 ' "$STATS_LOG" >&2
+fi
+
+# --- table ------------------------------------------------------------------------------------
+m_cold=$(median "${cold[@]}"); m_xxh=$(median "${xxh[@]}")
+m_warm=$(median "${warm[@]}"); m_gst=$(median "${gst[@]}")
+rss_verdict=$(awk -v k="$rss_cold" -v w="$rss_warm" 'BEGIN {m = (k > w ? k : w); print (m < 150*1024 ? "met" : "MISSED")}')
+mb() { awk -v k="$1" 'BEGIN {printf "%.1f MB", k/1024}'; }
+
+echo
+echo "pmesh-dev hash benchmark: $BENCH_DIR"
+echo "  tree: $total_files files in $total_dirs dirs; hashed by pmesh-dev: $pm_files files, $pm_bytes bytes;"
+echo "  tracked by git: $git_files (pmesh.toml, which pmesh-dev never hashes, is the 1 difference expected; both include the $tracked_ignore_files ignore files)"
+echo "  $CORES cores (load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)), medians of $RUNS runs"
+echo "  OS page cache warm for every run of every tool; cold = without pmesh-dev's digest cache"
+echo "  per-file digests equal xxhsum -H2: $digest_check"
+echo
+printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "measure" "pmesh-dev" "baseline" "baseline" "ratio" "target" "verdict"
+printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "cold hash (no cache)" "$(fmt_ms "$m_cold")" \
+    "git ls-files|xargs -P$CORES xxhsum" "$(fmt_ms "$m_xxh")" "$(ratio "$m_cold" "$m_xxh")" "<= 1.0x" \
+    "$(verdict "$m_cold" "$m_xxh" 1.0)"
+printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "warm hash (cache, no edit)" "$(fmt_ms "$m_warm")" \
+    "git status --porcelain" "$(fmt_ms "$m_gst")" "$(ratio "$m_warm" "$m_gst")" "<= 0.6x" \
+    "$(verdict "$m_warm" "$m_gst" 0.6)"
+printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "peak RSS cold / warm" "$(mb "$rss_cold")" \
+    "(warm)" "$(mb "$rss_warm")" "" "< 150 MB" "$rss_verdict"
+printf '  %-26s %12s   %-34s %12s   %7s\n' "cpu (user+sys), cold" "$(fmt_ms "$(median "${cold_cpu[@]}")")" \
+    "xxhsum pipeline" "$(fmt_ms "$(median "${xxh_cpu[@]}")")" "$(ratio "$(median "${cold_cpu[@]}")" "$(median "${xxh_cpu[@]}")")"
+printf '  %-26s %12s   %-34s %12s   %7s\n' "cpu (user+sys), warm" "$(fmt_ms "$(median "${warm_cpu[@]}")")" \
+    "git status" "$(fmt_ms "$(median "${gst_cpu[@]}")")" "$(ratio "$(median "${warm_cpu[@]}")" "$(median "${gst_cpu[@]}")")"
+echo "  (CPU time is less sensitive than wall time to other load on the machine; the targets are on wall time)"
+echo
+echo "  where the time goes (pmesh-dev hash --stats):"
+echo "    cold, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-cold")"
+echo "    warm, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-warm")"
+echo "    cold, one run: $(grep -v '^RSS' <<<"$cold_stats")"
+echo "    warm, one run: $(grep -v '^RSS' <<<"$warm_stats")"
+echo "  all runs, wall us: cold ${cold[*]} | xxhsum ${xxh[*]} | warm ${warm[*]} | git status ${gst[*]}"
+exit 0
