@@ -5,7 +5,7 @@
 //! - the target is read once when a request (or TCP connection) arrives, so after
 //!   [`Switch::set`] every new request goes to the new instance while requests already sent to
 //!   the old one finish there, counted on its [`Upstream`] until their response is done;
-//! - pooled upstream connections are dropped after [`POOL_IDLE`], well before a dev server's
+//! - pooled upstream connections are dropped after `POOL_IDLE`, well before a dev server's
 //!   own keep-alive timeout (Node's is 5 s) would close them under our feet;
 //! - a request that fails on a reused connection before any of it was written is retried once
 //!   on a fresh connection (`retry_canceled_requests`).
@@ -61,7 +61,7 @@ pub enum Target {
 pub struct Upstream {
     addr: SocketAddr,
     /// Requests, upgraded connections and TCP connections to this instance not finished yet.
-    /// Incremented by the proxy when it forwards, decremented by [`InFlight`] on drop;
+    /// Incremented by the proxy when it forwards, decremented when its `InFlight` guard drops;
     /// `drained()` callers subscribe to it.
     in_flight: watch::Sender<usize>,
 }
@@ -111,6 +111,12 @@ impl fmt::Debug for Upstream {
 /// One request or connection in flight on an upstream; dropping it ends the count.
 struct InFlight(Arc<Upstream>);
 
+impl InFlight {
+    fn upstream(&self) -> &Arc<Upstream> {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
@@ -142,22 +148,45 @@ impl Switch {
         self.tx.borrow().clone()
     }
 
-    /// The target for a request arriving now: while Starting, waits (at most its `wait`) for
-    /// the target to become Live or Down, and returns Starting if it did not.
-    async fn settled(&self) -> Target {
+    /// Where a request arriving now goes: while Starting, waits (at most its `wait`) for the
+    /// target to become Live or Down, and answers Starting if it did not.
+    async fn route(&self) -> Route {
         let mut rx = self.tx.subscribe();
-        let first = rx.borrow_and_update().clone();
-        let Target::Starting { wait } = first else {
+        let first = Route::from(&*rx.borrow_and_update());
+        let Route::Starting { wait } = first else {
             return first;
         };
         let resolved = async {
             rx.wait_for(|t| !matches!(t, Target::Starting { .. }))
                 .await
-                .map(|t| (*t).clone())
+                .map(|t| Route::from(&*t))
         };
         match tokio::time::timeout(wait, resolved).await {
-            Ok(Ok(t)) => t,
-            _ => Target::Starting { wait },
+            Ok(Ok(route)) => route,
+            _ => Route::Starting { wait },
+        }
+    }
+}
+
+/// A target as seen by one request: a Live one is already counted on its upstream.
+enum Route {
+    Starting { wait: Duration },
+    Live(InFlight),
+    Down { status: u16, body: String },
+}
+
+impl From<&Target> for Route {
+    /// Called while the switch's value is borrowed: a `set` waits for the borrow to end, so by
+    /// the time it returns, this request is counted and `drained()` on the old upstream
+    /// waits for it.
+    fn from(target: &Target) -> Route {
+        match target {
+            Target::Starting { wait } => Route::Starting { wait: *wait },
+            Target::Live(upstream) => Route::Live(upstream.enter()),
+            Target::Down { status, body } => Route::Down {
+                status: *status,
+                body: body.clone(),
+            },
         }
     }
 }
@@ -270,12 +299,11 @@ async fn finish(mut conns: JoinSet<()>) {
 }
 
 async fn tunnel_tcp(switch: Switch, mut inbound: TcpStream) {
-    let Target::Live(upstream) = switch.settled().await else {
+    let Route::Live(in_flight) = switch.route().await else {
         // Down, or still starting past the wait: closing is all raw TCP can say.
         return;
     };
-    let _in_flight = upstream.enter();
-    let connect = TcpStream::connect(upstream.addr());
+    let connect = TcpStream::connect(in_flight.upstream().addr());
     let Ok(Ok(mut outbound)) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
         return;
     };
@@ -333,13 +361,13 @@ async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr
 
 impl Proxy {
     async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
-        match self.switch.settled().await {
-            Target::Live(upstream) => self.forward(upstream, peer, req).await,
-            Target::Down { status, body } => page(
+        match self.switch.route().await {
+            Route::Live(in_flight) => self.forward(in_flight, peer, req).await,
+            Route::Down { status, body } => page(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
                 body,
             ),
-            Target::Starting { .. } => {
+            Route::Starting { .. } => {
                 let body = error_page(
                     &self.service,
                     "starting",
@@ -356,10 +384,11 @@ impl Proxy {
 
     async fn forward(
         &self,
-        upstream: Arc<Upstream>,
+        in_flight: InFlight,
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        let upstream = in_flight.upstream().clone();
         let upgrade = upgrade_protocol(req.headers());
         // Taken before the request moves on: it resolves to the client's raw connection once
         // our 101 has been written.
@@ -374,7 +403,11 @@ impl Proxy {
             .build();
         let uri = match uri {
             Ok(uri) => uri,
-            Err(e) => return page(StatusCode::BAD_REQUEST, self.failure_page(&e.to_string())),
+            Err(e) => {
+                let detail = format!("The request target cannot be forwarded: {e}");
+                let body = error_page(&self.service, "bad request", &detail, &[]);
+                return page(StatusCode::BAD_REQUEST, body);
+            }
         };
         parts.uri = uri;
         // Keep-alive to the instance regardless of what the client speaks.
@@ -390,7 +423,6 @@ impl Proxy {
         }
         set_forwarded(&mut parts.headers, peer);
 
-        let in_flight = upstream.enter();
         let mut resp = match self.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -656,6 +688,8 @@ mod tests {
                 tokio::select! {
                     () = token.cancelled() => break,
                     Ok((stream, _)) = listener.accept() => {
+                        // Like Node, which disables Nagle by default.
+                        let _ = stream.set_nodelay(true);
                         let service = service_fn(move |req| backend_handle(id, req));
                         let conn = http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
@@ -798,6 +832,7 @@ mod tests {
     /// A keep-alive HTTP/1.1 client connection.
     async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
         let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();

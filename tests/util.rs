@@ -227,12 +227,25 @@ impl Watch {
     pub fn start(t: &Tmp, extra: &[&str], env: &[(&str, &str)], services: &[&str]) -> Watch {
         let mut args = vec!["watch", "--json"];
         args.extend_from_slice(extra);
-        let mut cmd = t.cmd(&args);
+        let mut w = Watch::spawn(t, &args, env);
+        for s in services {
+            let is_it = |e: &serde_json::Value| e["event"] == "watching" && e["service"] == *s;
+            if !w.seen.iter().any(is_it) {
+                w.wait_for(30.0, is_it)
+                    .unwrap_or_else(|| panic!("{s} never started watching: {:#?}", w.seen));
+            }
+        }
+        w
+    }
+
+    /// Starts `pmesh-dev args` (which must print JSON events) in `t` with `env`.
+    pub fn spawn(t: &Tmp, args: &[&str], env: &[(&str, &str)]) -> Watch {
+        let mut cmd = t.cmd(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn watch");
+        let mut child = cmd.spawn().expect("spawn pmesh-dev");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -245,23 +258,15 @@ impl Watch {
                             break;
                         }
                     }
-                    Err(e) => panic!("watch printed a line that is not JSON: {line}: {e}"),
+                    Err(e) => panic!("pmesh-dev printed a line that is not JSON: {line}: {e}"),
                 }
             }
         });
-        let mut w = Watch {
+        Watch {
             child,
             events: rx,
             seen: Vec::new(),
-        };
-        for s in services {
-            let is_it = |e: &serde_json::Value| e["event"] == "watching" && e["service"] == *s;
-            if !w.seen.iter().any(is_it) {
-                w.wait_for(30.0, is_it)
-                    .unwrap_or_else(|| panic!("{s} never started watching: {:#?}", w.seen));
-            }
         }
-        w
     }
 
     /// Waits up to `secs` for an event matching `pred`, returning it.
@@ -335,4 +340,12 @@ pub fn kinds(events: &[serde_json::Value]) -> Vec<String> {
         .iter()
         .filter_map(|e| e["event"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// A free loopback port (bound, then released, for pmesh-dev to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
