@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::control;
 use crate::hash::{self, CacheUse, HashSpec};
 use crate::log::{Format, Reporter};
 use crate::manifest::{self, Manifest};
@@ -188,12 +189,14 @@ fn watch(manifest: Option<&Path>, names: &[String], json: bool, poll: bool) -> R
         let mut tasks = tokio::task::JoinSet::new();
         for svc in services {
             let name = svc.name.clone();
+            let commands = tokio::sync::mpsc::unbounded_channel();
             let fut = crate::engine::run(
                 svc,
                 m.path.clone(),
                 opts,
                 reporter.clone(),
                 shutdown.clone(),
+                commands,
             );
             tasks.spawn(async move { (name, fut.await) });
         }
@@ -245,6 +248,20 @@ fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> 
         cancel_on_signals(shutdown.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
         for svc in services {
+            // A running watch already serves it.
+            let request = control::Request::Run;
+            if let Some(done) = control::request(&svc.root, &request, |e| reporter.emit(&e)).await {
+                if let Ok(d) = &done
+                    && d.code == EXIT_OK
+                {
+                    eprintln!("{}", d.message);
+                }
+                let code = remote_code(&svc.name, done);
+                if code != EXIT_OK {
+                    return Ok(code);
+                }
+                continue;
+            }
             let name = svc.name.clone();
             let fut = crate::serve::run_only(svc, reporter.clone(), shutdown.clone());
             tasks.spawn(async move { (name, fut.await) });
@@ -276,6 +293,33 @@ fn cancel_on_signals(token: CancellationToken) -> Result<()> {
     Ok(())
 }
 
+/// How one service's request was carried out: here, or by a running watch.
+enum Carried<T> {
+    Local(T),
+    Remote(std::io::Result<crate::event::Done>),
+}
+use Carried::{Local, Remote};
+
+/// The exit code of a request a running watch carried out, saying why when it failed.
+fn remote_code(name: &str, done: std::io::Result<crate::event::Done>) -> u8 {
+    match done {
+        Ok(d) => {
+            if d.code != EXIT_OK {
+                if d.message.contains(&format!("`{name}`")) {
+                    eprintln!("error: {}", d.message);
+                } else {
+                    eprintln!("error: service `{name}`: {}", d.message);
+                }
+            }
+            d.code
+        }
+        Err(e) => {
+            eprintln!("error: service `{name}`: the running watch did not answer: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
 fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
     let services: Vec<_> = m
@@ -294,20 +338,31 @@ fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> 
         let mut tasks = tokio::task::JoinSet::new();
         for svc in services {
             let name = svc.name.clone();
-            let fut = pipeline::build(svc, m.path.clone(), force, reporter.clone(), cancel.clone());
-            tasks.spawn(async move { (name, fut.await) });
+            let (manifest, reporter, cancel) = (m.path.clone(), reporter.clone(), cancel.clone());
+            tasks.spawn(async move {
+                // A running watch owns this root: it builds, and we show what it does.
+                let request = control::Request::Build { force };
+                if let Some(done) =
+                    control::request(&svc.root, &request, |e| reporter.emit(&e)).await
+                {
+                    return (name, Remote(done));
+                }
+                let outcome = pipeline::build(svc, manifest, force, reporter, cancel).await;
+                (name, Local(outcome))
+            });
         }
         let mut code = EXIT_OK;
         while let Some(joined) = tasks.join_next().await {
             let (name, result) = joined?;
             let c = match result {
-                Ok(Outcome::Cancelled) => EXIT_INTERRUPTED,
-                Ok(Outcome::Failed { .. }) => EXIT_FAILED,
-                Ok(_) => EXIT_OK,
-                Err(e) => {
+                Local(Ok(Outcome::Cancelled)) => EXIT_INTERRUPTED,
+                Local(Ok(Outcome::Failed { .. })) => EXIT_FAILED,
+                Local(Ok(_)) => EXIT_OK,
+                Local(Err(e)) => {
                     eprintln!("error: service `{name}`: {e:#}");
                     EXIT_FAILED
                 }
+                Remote(done) => remote_code(&name, done),
             };
             code = code.max(c);
         }
@@ -481,6 +536,13 @@ fn rollback(manifest: Option<&Path>, args: &[String]) -> Result<u8> {
         [svc, build, ..] => (m.service(svc).map_err(usage)?, Some(build.as_str())),
     };
     let reporter = Reporter::new(Format::Plain, false);
+    let request = control::Request::Rollback {
+        build: target.map(str::to_owned),
+    };
+    let remote = runtime()?.block_on(control::request(&svc.root, &request, |e| reporter.emit(&e)));
+    if let Some(done) = remote {
+        return Ok(remote_code(&svc.name, done));
+    }
     match pipeline::rollback(svc, target, &reporter) {
         Ok(_) => Ok(EXIT_OK),
         Err(e @ (RollbackError::NoSuchBuild { .. } | RollbackError::Incomplete { .. })) => {

@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, EventKind};
+use crate::control;
+use crate::event::{Command, Done, Event, EventKind};
 use crate::hash::live::Change;
 use crate::hash::{BuildId, HashSpec, LiveTree};
 use crate::log::Reporter;
@@ -74,8 +75,15 @@ struct Engine {
     poll: Option<Duration>,
     /// The id `.run` holds.
     live: Option<BuildId>,
-    /// The id whose build failed last; not retried until the tree changes.
-    failed: Option<BuildId>,
+    /// A tree id not to build on its own: its build failed or was unhealthy, or it was rolled
+    /// back from. Building resumes when the tree changes (or on a forced build).
+    skip: Option<BuildId>,
+    /// The next build is forced (the `b` key, `build --force`).
+    force_next: bool,
+    /// Commands waiting for the end of the next build.
+    build_waiters: Vec<oneshot::Sender<Done>>,
+    /// Commands waiting for an archive to be served (or found unhealthy).
+    live_waiters: Vec<(String, oneshot::Sender<Done>)>,
     building: Option<Running>,
     /// Paths named by events since the last update, and why the whole tree must be looked at.
     pending: BTreeSet<PathBuf>,
@@ -89,18 +97,38 @@ struct Engine {
     server: Option<Server>,
 }
 
-/// Watches `svc` until `shutdown`: builds at start if needed, then after every change.
+/// Watches `svc` until `shutdown`: builds at start if needed, then after every change, and
+/// carries out the `commands` of the TUI and of the control socket.
 pub async fn run(
     svc: Arc<Service>,
     manifest_path: PathBuf,
     opts: WatchOptions,
     reporter: Arc<Reporter>,
     shutdown: CancellationToken,
+    commands: (
+        mpsc::UnboundedSender<Command>,
+        mpsc::UnboundedReceiver<Command>,
+    ),
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev watch")?;
     store.recover()?;
+    let (command_tx, mut commands) = commands;
+    let control = control::listen(&svc.root).with_context(|| {
+        format!(
+            "service `{}`: cannot listen on {}",
+            svc.name,
+            control::socket_path(&svc.root).display()
+        )
+    })?;
+    tokio::spawn(control::serve(
+        control,
+        svc.name.clone(),
+        command_tx,
+        reporter.clone(),
+        shutdown.clone(),
+    ));
     let reaped = tokio::task::block_in_place(|| supervisor::reap_leftovers(&store));
     if reaped > 0 {
         reporter.emit(&Event::now(
@@ -147,7 +175,10 @@ pub async fn run(
         },
         svc,
         tree: Some(tree),
-        failed: None,
+        skip: None,
+        force_next: false,
+        build_waiters: Vec::new(),
+        live_waiters: Vec::new(),
         building: None,
         pending: BTreeSet::new(),
         rescan: None,
@@ -210,6 +241,7 @@ pub async fn run(
             },
             done = wait(&mut engine.building) => engine.on_build_done(done),
             Some(report) = reports.recv() => engine.on_report(report),
+            Some(command) = commands.recv() => engine.on_command(command),
             _ = sleep_until(deadline), if deadline.is_some() => engine.process().await?,
             _ = poll_tick.tick(), if polling => {
                 engine.rescan.get_or_insert_with(|| "poll".to_owned());
@@ -220,6 +252,13 @@ pub async fn run(
     if let Some(b) = engine.building.take() {
         b.cancel.cancel();
         let _ = b.handle.await;
+    }
+    let stopping = || Done::new(130, "pmesh-dev watch is stopping");
+    for w in engine.build_waiters.drain(..) {
+        let _ = w.send(stopping());
+    }
+    for (_, w) in engine.live_waiters.drain(..) {
+        let _ = w.send(stopping());
     }
     if let Some(mut tree) = engine.tree.take() {
         tokio::task::block_in_place(|| tree.save_cache());
@@ -405,7 +444,10 @@ impl Engine {
             }
             return;
         }
-        if Some(id) == self.live || Some(id) == self.failed || self.shutdown.is_cancelled() {
+        let force = std::mem::take(&mut self.force_next);
+        if !force
+            && (Some(id) == self.live || Some(id) == self.skip || self.shutdown.is_cancelled())
+        {
             self.changed.clear();
             return;
         }
@@ -430,7 +472,7 @@ impl Engine {
             let job = Job {
                 id,
                 changed,
-                force: false,
+                force,
                 in_use: self.server.as_ref().map(Server::in_use).unwrap_or_default(),
                 steps,
             };
@@ -448,54 +490,197 @@ impl Engine {
     fn on_build_done(&mut self, done: Result<anyhow::Result<Outcome>, tokio::task::JoinError>) {
         self.building = None;
         self.guard.written_by_last = std::mem::take(&mut self.guard.written_now);
-        match done {
+        let done = match done {
             Ok(Ok(Outcome::Built { id, archive } | Outcome::Reused { id, archive })) => {
                 self.live = Some(id);
-                self.failed = None;
+                self.skip = None;
+                let done = Done::new(0, format!("built {} -> {archive}", id.short()));
                 if let Some(server) = &self.server {
                     server.deploy(archive, id);
                 }
+                Some(done)
             }
             Ok(Ok(Outcome::UpToDate(id))) => {
                 self.live = Some(id);
-                self.failed = None;
+                self.skip = None;
+                Some(Done::new(0, format!("up to date ({})", id.short())))
             }
             Ok(Ok(Outcome::Failed { id, error })) => {
-                self.failed = Some(id);
+                self.skip = Some(id);
                 if let Some(server) = &self.server {
-                    server.build_failed(error);
+                    server.build_failed(error.clone());
                 }
+                Some(Done::new(1, error))
             }
-            Ok(Ok(Outcome::Cancelled)) => {}
-            Ok(Err(e)) => self.emit(EventKind::Warning {
-                message: format!("{e:#}"),
-            }),
-            Err(e) => self.emit(EventKind::Warning {
-                message: format!("the build task failed: {e}"),
-            }),
+            // A newer tree is built next; whoever waits gets that outcome.
+            Ok(Ok(Outcome::Cancelled)) => None,
+            Ok(Err(e)) => {
+                self.emit(EventKind::Warning {
+                    message: format!("{e:#}"),
+                });
+                Some(Done::new(1, format!("{e:#}")))
+            }
+            Err(e) => {
+                self.emit(EventKind::Warning {
+                    message: format!("the build task failed: {e}"),
+                });
+                Some(Done::new(1, format!("the build task failed: {e}")))
+            }
+        };
+        if let Some(done) = done {
+            for w in self.build_waiters.drain(..) {
+                let _ = w.send(done.clone());
+            }
         }
         if let Some(tree) = self.tree.as_mut() {
             tokio::task::block_in_place(|| tree.save_cache());
         }
         self.decide();
     }
-}
 
-impl Engine {
     /// The server undid an unhealthy build: do not build that tree again until it changes,
     /// and serve whatever `.run` went back to.
     fn on_report(&mut self, report: Report) {
         match report {
-            Report::Unhealthy { id, live } => {
-                self.failed = Some(id);
+            Report::Unhealthy { id, archive, live } => {
+                self.skip = Some(id);
                 self.live = live;
+                self.answer_live_waiters(
+                    &archive,
+                    Done::new(1, format!("{archive} never became healthy; .run went back")),
+                );
                 if let (Some(server), Some(archive), Some(id)) =
                     (&self.server, self.store.live(), live)
                 {
                     server.deploy(archive, id);
                 }
             }
+            Report::Live { id, archive } => {
+                let done = Done::new(0, format!("{archive} ({}) is serving", id.short()));
+                self.answer_live_waiters(&archive, done);
+            }
         }
+    }
+
+    fn answer_live_waiters(&mut self, archive: &str, done: Done) {
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.live_waiters)
+            .into_iter()
+            .partition(|(a, _)| a == archive);
+        self.live_waiters = rest;
+        for (_, w) in ready {
+            let _ = w.send(done.clone());
+        }
+    }
+
+    /// Carries out a command of the TUI or the control socket.
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Build { force, reply } => {
+                if force {
+                    self.force_next = true;
+                } else {
+                    self.skip = None;
+                }
+                if let Some(b) = &self.building {
+                    if force {
+                        b.cancel.cancel();
+                    }
+                } else {
+                    self.decide();
+                }
+                match (reply, self.building.is_some()) {
+                    (Some(r), true) => self.build_waiters.push(r),
+                    (Some(r), false) => {
+                        let id = self.tree().id();
+                        let _ = r.send(Done::new(0, format!("up to date ({})", id.short())));
+                    }
+                    (None, _) => {}
+                }
+            }
+            Command::Rollback { build, reply } => {
+                let done = self.rollback(build.as_deref());
+                match (done, reply) {
+                    (Ok(archive), Some(r)) if self.server.is_some() => {
+                        self.live_waiters.push((archive, r));
+                    }
+                    (Ok(archive), Some(r)) => {
+                        let _ = r.send(Done::new(0, format!(".run -> {archive}")));
+                    }
+                    (Err(done), Some(r)) => {
+                        let _ = r.send(done);
+                    }
+                    (Err(done), None) => self.emit(EventKind::Warning {
+                        message: done.message,
+                    }),
+                    (Ok(_), None) => {}
+                }
+            }
+            Command::Restart { reply } => match (&self.server, self.store.live()) {
+                (Some(server), Some(archive)) => {
+                    server.restart();
+                    if let Some(r) = reply {
+                        self.live_waiters.push((archive, r));
+                    }
+                }
+                _ => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Done::new(
+                            2,
+                            format!("service `{}` has nothing to restart", self.svc.name),
+                        ));
+                    }
+                }
+            },
+        }
+    }
+
+    /// Re-points `.run` (the engine holds the root's lock) and serves the build it points to
+    /// now; the tree that was live is not rebuilt until it changes.
+    fn rollback(&mut self, build: Option<&str>) -> Result<String, Done> {
+        let name = self.svc.name.clone();
+        let live = self.store.live();
+        let archive = match build {
+            Some(b) => self.store.archive(b).ok_or_else(|| {
+                Done::new(
+                    2,
+                    format!("service `{name}`: no build named `{b}` (`pmesh-dev builds {name}` lists them)"),
+                )
+            })?,
+            None => self
+                .store
+                .archives()
+                .map_err(|e| Done::new(1, e.to_string()))?
+                .into_iter()
+                .filter(|a| a.status() == crate::store::Status::Ok && a.id.is_some())
+                .find(|a| live.as_ref().is_none_or(|l| a.name < *l))
+                .ok_or_else(|| {
+                    Done::new(1, format!("service `{name}`: there is no older good build to roll back to"))
+                })?,
+        };
+        let Some(id) = archive.id else {
+            return Err(Done::new(
+                2,
+                format!("service `{name}`: {} is not a complete build", archive.name),
+            ));
+        };
+        if let Some(b) = &self.building {
+            // A build finishing now would flip `.run` away from the rollback.
+            b.cancel.cancel();
+        }
+        self.store
+            .point_run(&archive.name)
+            .map_err(|e| Done::new(1, e.to_string()))?;
+        self.live = Some(id);
+        self.skip = Some(self.tree().id());
+        self.emit(EventKind::Rollback {
+            from: live,
+            to: archive.name.clone(),
+            id: Some(id.to_string()),
+        });
+        if let Some(server) = &self.server {
+            server.deploy(archive.name.clone(), id);
+        }
+        Ok(archive.name)
     }
 }
 

@@ -2,10 +2,10 @@
 
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One thing that happened to one service.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     pub service: String,
     /// RFC 3339, UTC, milliseconds.
@@ -25,7 +25,7 @@ impl Event {
 }
 
 /// What happened. The `event` field of the JSON form is the variant's snake_case name.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     /// The service's tree is watched; `mode` is `inotify` or `poll`.
@@ -94,7 +94,7 @@ pub enum EventKind {
         ok: bool,
         duration_ms: u64,
         archive: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
     /// Old archives deleted by retention.
@@ -114,4 +114,41 @@ pub enum EventKind {
     Warning {
         message: String,
     },
+}
+
+/// What a front end (the TUI, or a command sent over the control socket) asks of a service's
+/// engine. The keyboard and the socket send the same commands.
+#[derive(Debug)]
+pub enum Command {
+    /// Build the current tree (even if `.run` holds it already, when `force`).
+    Build {
+        force: bool,
+        reply: Option<tokio::sync::oneshot::Sender<Done>>,
+    },
+    /// Re-point `.run` at `build` (default: the newest good build older than the live one),
+    /// then serve it through the same health-gated swap as a new build.
+    Rollback {
+        build: Option<String>,
+        reply: Option<tokio::sync::oneshot::Sender<Done>>,
+    },
+    /// Start a fresh instance of the live build and swap to it.
+    Restart {
+        reply: Option<tokio::sync::oneshot::Sender<Done>>,
+    },
+}
+
+/// How a command ended: the exit code the CLI ends with, and a line saying why.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Done {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Done {
+    pub fn new(code: u8, message: impl Into<String>) -> Done {
+        Done {
+            code,
+            message: message.into(),
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod builder;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod event;
 pub mod guardian;

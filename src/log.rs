@@ -10,6 +10,8 @@ use crate::event::{Event, EventKind};
 pub enum Format {
     Plain,
     Json,
+    /// Nothing is printed: events only reach the tap (the TUI owns the terminal).
+    Quiet,
 }
 
 /// Prints events to stdout, one line each; shared by every service's task.
@@ -20,6 +22,8 @@ pub struct Reporter {
     prefix: bool,
     /// Serialises whole lines from concurrent services.
     out: Mutex<()>,
+    /// Every event is also sent here, for the TUI and control-socket clients.
+    tap: tokio::sync::broadcast::Sender<Event>,
 }
 
 const RESET: &str = "\x1b[0m";
@@ -39,7 +43,13 @@ impl Reporter {
             color,
             prefix,
             out: Mutex::new(()),
+            tap: tokio::sync::broadcast::channel(4096).0,
         }
+    }
+
+    /// Events from now on, as they are emitted.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.tap.subscribe()
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
@@ -50,9 +60,13 @@ impl Reporter {
         }
     }
 
-    /// Prints one event.
+    /// Prints one event and hands it to subscribers.
     pub fn emit(&self, e: &Event) {
+        if self.tap.receiver_count() > 0 {
+            let _ = self.tap.send(e.clone());
+        }
         let line = match self.format {
+            Format::Quiet => return,
             Format::Json => match serde_json::to_string(e) {
                 Ok(l) => l,
                 Err(_) => return,

@@ -34,13 +34,21 @@ enum Cmd {
     Deploy { archive: String, id: BuildId },
     /// The first build failed: tell waiting requests why (if nothing serves yet).
     BuildFailed { error: String },
+    /// Start a fresh instance of the live build and swap to it.
+    Restart,
 }
 
 /// What the server tells the engine.
 #[derive(Debug)]
 pub enum Report {
     /// Build `id` never became healthy; `.run` now holds `live`.
-    Unhealthy { id: BuildId, live: Option<BuildId> },
+    Unhealthy {
+        id: BuildId,
+        archive: String,
+        live: Option<BuildId>,
+    },
+    /// An instance of `archive` serves now.
+    Live { id: BuildId, archive: String },
 }
 
 /// The engine's handle on a service's server.
@@ -107,6 +115,11 @@ impl Server {
     /// Serves build `id` from `archive` (health-gated).
     pub fn deploy(&self, archive: String, id: BuildId) {
         let _ = self.cmds.send(Cmd::Deploy { archive, id });
+    }
+
+    /// Replaces the live instance with a fresh one of the same build (health-gated).
+    pub fn restart(&self) {
+        let _ = self.cmds.send(Cmd::Restart);
     }
 
     /// Tells waiting requests that the first build failed.
@@ -200,6 +213,11 @@ impl Actor {
                 cmd = rx.recv() => match cmd {
                     Some(Cmd::Deploy { archive, id }) => self.deploy(archive, id, false).await,
                     Some(Cmd::BuildFailed { error }) => self.build_failed(&error),
+                    Some(Cmd::Restart) => {
+                        if let (Some(archive), Some(id)) = (self.store.live(), self.store.live_id()) {
+                            self.start_candidate(archive, id, false).await;
+                        }
+                    }
                     None => break,
                 },
                 res = health_of(&mut self.candidate) => self.on_health(res),
@@ -233,8 +251,20 @@ impl Actor {
             && let Some(s) = &self.live
             && s.inst.archive == archive
         {
+            // The newest request wins: a build still starting must not take over afterwards.
+            if let Some(c) = self.candidate.take() {
+                c.health.abort();
+                self.stop_in_background(c.inst, None, Duration::ZERO);
+                self.set_in_use();
+            }
+            let _ = self.reports.send(Report::Live { id, archive });
             return;
         }
+        self.start_candidate(archive, id, restart).await;
+    }
+
+    /// Starts an instance of `archive`; `restart` marks a restart after a crash.
+    async fn start_candidate(&mut self, archive: String, id: BuildId, restart: bool) {
         if let Some(c) = self.candidate.take() {
             // A newer build supersedes the one still starting.
             c.health.abort();
@@ -283,6 +313,10 @@ impl Actor {
                     id: c.inst.id.to_string(),
                     archive: c.inst.archive.clone(),
                     port: c.inst.port,
+                });
+                let _ = self.reports.send(Report::Live {
+                    id: c.inst.id,
+                    archive: c.inst.archive.clone(),
                 });
                 let old = self.live.replace(Serving {
                     inst: c.inst,
@@ -334,6 +368,7 @@ impl Actor {
         }
         let _ = self.reports.send(Report::Unhealthy {
             id,
+            archive: archive.to_owned(),
             live: self.store.live_id(),
         });
     }
@@ -445,7 +480,8 @@ pub async fn run_only(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(Report::Unhealthy { id, live }) = reports.recv() => {
+            Some(report) = reports.recv() => {
+                let Report::Unhealthy { id, live, .. } = report else { continue };
                 match (store.live(), live) {
                     (Some(archive), Some(back)) if back != id => server.deploy(archive, back),
                     _ => {

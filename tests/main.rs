@@ -4,6 +4,7 @@
 mod util;
 
 mod build;
+mod control;
 mod hash;
 mod manifest;
 mod serve;

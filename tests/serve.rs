@@ -436,3 +436,23 @@ fn run_serves_the_live_build_without_building() {
     assert_eq!(w.interrupt(), Some(0));
     assert!(archives(&t.join("app")).len() == 1, "nothing was built");
 }
+
+#[test]
+fn a_rollback_sent_to_the_watch_swaps_the_proxy_back() {
+    let t = Tmp::new();
+    let port = free_port();
+    test_service(&t, port, "");
+    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    wait_live(&mut w);
+    t.write("app/version.txt", "v2\n");
+    wait_live(&mut w);
+    assert!(get(port, "/").1.contains("version v2"));
+    // The command returns once the old build serves again.
+    let r = t.run(&["rollback"]).ok();
+    assert!(r.stderr().is_empty(), "{}", r.stderr());
+    assert!(
+        get(port, "/").1.contains("version v1"),
+        "the proxy serves the rolled-back build"
+    );
+    assert_eq!(w.interrupt(), Some(0));
+}
