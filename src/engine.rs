@@ -115,20 +115,29 @@ pub async fn run(
     let _lock = store.lock("pmesh-dev watch")?;
     store.recover()?;
     let (command_tx, mut commands) = commands;
-    let control = control::listen(&svc.root).with_context(|| {
-        format!(
-            "service `{}`: cannot listen on {}",
-            svc.name,
-            control::socket_path(&svc.root).display()
-        )
-    })?;
-    tokio::spawn(control::serve(
-        control,
-        svc.name.clone(),
-        command_tx,
-        reporter.clone(),
-        shutdown.clone(),
-    ));
+    match control::listen(&svc.root) {
+        Ok(listener) => {
+            tokio::spawn(control::serve(
+                listener,
+                svc.name.clone(),
+                command_tx,
+                reporter.clone(),
+                shutdown.clone(),
+            ));
+        }
+        // Watching still works; only commands from other shells cannot reach this watch
+        // (they then fail on the root's lock, naming this process).
+        Err(e) => reporter.emit(&Event::now(
+            &svc.name,
+            EventKind::Warning {
+                message: format!(
+                    "no control socket at {} ({e}); `build` and `rollback` from other shells \
+                     cannot reach this watch",
+                    control::socket_path(&svc.root).display()
+                ),
+            },
+        )),
+    }
     let reaped = tokio::task::block_in_place(|| supervisor::reap_leftovers(&store));
     if reaped > 0 {
         reporter.emit(&Event::now(

@@ -456,3 +456,27 @@ fn a_rollback_sent_to_the_watch_swaps_the_proxy_back() {
     );
     assert_eq!(w.interrupt(), Some(0));
 }
+
+#[test]
+fn protocol_tcp_forwards_raw_connections_to_the_live_instance() {
+    let t = Tmp::new();
+    let port = free_port();
+    test_service(&t, port, "protocol = \"tcp\"");
+    let toml = t
+        .read("pmesh.toml")
+        .replace("health = \"GET /healthz\"", "health = \"tcp\"");
+    t.write("pmesh.toml", &toml);
+    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    wait_live(&mut w);
+    // Raw bytes through: an HTTP request the proxy does not parse.
+    let (status, body) = get(port, "/");
+    assert_eq!(status, 200);
+    assert!(body.contains("version v1"), "{body}");
+    t.write("app/version.txt", "v2\n");
+    wait_live(&mut w);
+    assert!(
+        get(port, "/").1.contains("version v2"),
+        "new connections go to the new instance"
+    );
+    assert_eq!(w.interrupt(), Some(0));
+}
