@@ -41,7 +41,7 @@ pub enum Command {
     /// Watch services (all, or those named): build at start if needed, then after every change.
     Watch {
         services: Vec<String>,
-        /// Plain lines instead of the terminal UI (the only front end so far).
+        /// Plain lines instead of the terminal UI (which needs a terminal anyway).
         #[arg(long)]
         no_tui: bool,
         /// One JSON event per line on stdout.
@@ -138,10 +138,10 @@ pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Watch {
             services,
-            no_tui: _,
+            no_tui,
             json,
             poll,
-        } => watch(manifest, &services, json, poll),
+        } => watch(manifest, &services, json, poll, no_tui),
         Command::Build {
             services,
             force,
@@ -170,7 +170,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn watch(manifest: Option<&Path>, names: &[String], json: bool, poll: bool) -> Result<u8> {
+fn watch(
+    manifest: Option<&Path>,
+    names: &[String],
+    json: bool,
+    poll: bool,
+    no_tui: bool,
+) -> Result<u8> {
+    use std::io::IsTerminal;
     let m = load_manifest(manifest)?;
     let services: Vec<_> = m
         .select(names)
@@ -179,7 +186,13 @@ fn watch(manifest: Option<&Path>, names: &[String], json: bool, poll: bool) -> R
         .cloned()
         .map(Arc::new)
         .collect();
-    let format = if json { Format::Json } else { Format::Plain };
+    // The TUI needs a terminal on both sides; anything else gets plain lines.
+    let tui = !no_tui && !json && io::stdout().is_terminal() && io::stdin().is_terminal();
+    let format = match (tui, json) {
+        (true, _) => Format::Quiet,
+        (false, true) => Format::Json,
+        (false, false) => Format::Plain,
+    };
     let reporter = Arc::new(Reporter::new(format, services.len() > 1));
     let opts = crate::engine::WatchOptions { poll };
     let rt = runtime()?;
@@ -187,29 +200,62 @@ fn watch(manifest: Option<&Path>, names: &[String], json: bool, poll: bool) -> R
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
-        for svc in services {
+        let mut senders = std::collections::BTreeMap::new();
+        for svc in &services {
             let name = svc.name.clone();
-            let commands = tokio::sync::mpsc::unbounded_channel();
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            senders.insert(name.clone(), tx.clone());
             let fut = crate::engine::run(
-                svc,
+                svc.clone(),
                 m.path.clone(),
                 opts,
                 reporter.clone(),
                 shutdown.clone(),
-                commands,
+                (tx, rx),
             );
             tasks.spawn(async move { (name, fut.await) });
+        }
+        let mut errors = Vec::new();
+        if tui {
+            // The TUI owns the terminal; an engine that fails ends it, so the error is seen.
+            let ui = crate::tui::run(
+                services.clone(),
+                reporter.clone(),
+                senders,
+                shutdown.clone(),
+            );
+            tokio::pin!(ui);
+            loop {
+                tokio::select! {
+                    r = &mut ui => {
+                        if let Err(e) = r {
+                            errors.push(format!("error: the terminal UI failed: {e:#}"));
+                        }
+                        break;
+                    }
+                    Some(joined) = tasks.join_next() => {
+                        let (name, result) = joined?;
+                        if let Err(e) = result {
+                            errors.push(format!("error: service `{name}`: {e:#}"));
+                            shutdown.cancel();
+                        }
+                    }
+                }
+            }
         }
         let mut code = EXIT_OK;
         while let Some(joined) = tasks.join_next().await {
             let (name, result) = joined?;
             if let Err(e) = result {
-                eprintln!("error: service `{name}`: {e:#}");
-                code = EXIT_FAILED;
+                errors.push(format!("error: service `{name}`: {e:#}"));
                 // One service that cannot be watched stops the whole watch: a partial one
                 // would look like it works.
                 shutdown.cancel();
             }
+        }
+        for e in &errors {
+            eprintln!("{e}");
+            code = EXIT_FAILED;
         }
         Ok(code)
     })
@@ -288,6 +334,7 @@ fn cancel_on_signals(token: CancellationToken) -> Result<()> {
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         token.cancel();
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        crate::tui::restore();
         std::process::exit(i32::from(EXIT_INTERRUPTED));
     });
     Ok(())

@@ -16,4 +16,5 @@ pub mod proxy;
 pub mod serve;
 pub mod store;
 pub mod supervisor;
+pub mod tui;
 pub mod watch;

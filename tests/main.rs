@@ -8,4 +8,5 @@ mod control;
 mod hash;
 mod manifest;
 mod serve;
+mod tui;
 mod watch;
