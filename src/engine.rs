@@ -95,6 +95,9 @@ struct Engine {
     guard: LoopGuard,
     /// The proxy and instances, for a service with `run`.
     server: Option<Server>,
+    /// The manifest: an edit is reported (it applies at the next start).
+    manifest_path: PathBuf,
+    manifest_warned: bool,
 }
 
 /// Watches `svc` until `shutdown`: builds at start if needed, then after every change, and
@@ -163,7 +166,7 @@ pub async fn run(
     };
 
     let (tree, warnings) = {
-        let svc = svc.clone();
+        let (svc, manifest_path) = (svc.clone(), manifest_path.clone());
         tokio::task::spawn_blocking(move || {
             LiveTree::scan(&HashSpec::service(&svc, &manifest_path))
         })
@@ -195,12 +198,20 @@ pub async fn run(
         changed: BTreeSet::new(),
         guard: LoopGuard::default(),
         server,
+        manifest_path,
+        manifest_warned: false,
     };
     for message in warnings {
         engine.emit(EventKind::Warning { message });
     }
     if engine.poll.is_none() {
-        let dirs = engine.tree().dir_paths();
+        let mut dirs = engine.tree().dir_paths();
+        // The manifest's own directory too, so that an edit of it can be reported.
+        if let Some(dir) = engine.manifest_path.parent()
+            && !dirs.iter().any(|d| d == dir)
+        {
+            dirs.push(dir.to_path_buf());
+        }
         let added = tokio::task::block_in_place(|| {
             let mut w = DirWatcher::new(tx.clone())?;
             w.add(dirs)?;
@@ -335,6 +346,14 @@ impl Engine {
                     return;
                 };
                 let mut rels = Vec::new();
+                if !self.manifest_warned && paths.contains(&self.manifest_path) {
+                    self.manifest_warned = true;
+                    let message = format!(
+                        "{} changed: restart pmesh-dev watch to apply it",
+                        self.manifest_path.display()
+                    );
+                    self.emit(EventKind::Warning { message });
+                }
                 for p in paths {
                     if tree.concerns(&p) {
                         if let Ok(rel) = p.strip_prefix(tree.root()) {

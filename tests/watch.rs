@@ -371,6 +371,18 @@ fn two_services_build_independently() {
             && !changed_of(e).is_empty()),
         "site did not change: {quiet:#?}"
     );
+    // Editing the manifest is reported: it applies at the next start.
+    let toml = t.read("pmesh.toml");
+    t.write("pmesh.toml", &format!("{toml}\n# edited\n"));
+    let warned = w
+        .wait_for(10.0, |e| e["event"] == "warning")
+        .unwrap_or_else(|| panic!("no warning: {:#?}", w.seen));
+    assert!(
+        warned["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("restart")),
+        "{warned}"
+    );
     assert_eq!(w.interrupt(), Some(0));
 }
 
