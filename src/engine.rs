@@ -32,6 +32,19 @@ use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
 /// rebuilding pauses.
 const LOOP_LIMIT: u32 = 3;
 
+/// The digest cache is written at most this often while watching (and always at exit): on a
+/// big tree it is tens of megabytes, and only the next start reads it.
+const SAVE_EVERY: Duration = Duration::from_secs(30);
+
+/// Hands memory freed by a full walk back to the system. glibc keeps freed memory in its
+/// per-thread arenas; after the walk's threads are idle, nothing else would release it.
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How `watch` was asked to run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WatchOptions {
@@ -98,6 +111,8 @@ struct Engine {
     /// The manifest: an edit is reported (it applies at the next start).
     manifest_path: PathBuf,
     manifest_warned: bool,
+    /// When the digest cache was last written.
+    saved_at: Instant,
 }
 
 /// Watches `svc` until `shutdown`: builds at start if needed, then after every change, and
@@ -200,7 +215,9 @@ pub async fn run(
         server,
         manifest_path,
         manifest_warned: false,
+        saved_at: Instant::now(),
     };
+    trim_heap();
     for message in warnings {
         engine.emit(EventKind::Warning { message });
     }
@@ -396,6 +413,7 @@ impl Engine {
         let Some(mut tree) = self.tree.take() else {
             return Ok(());
         };
+        let rescan_done = rescan.is_some();
         let (tree, result) = tokio::task::spawn_blocking(move || {
             let r = if rescan.is_some() {
                 tree.rescan()
@@ -407,6 +425,9 @@ impl Engine {
         .await
         .context("the hashing task failed")?;
         self.tree = Some(tree);
+        if rescan_done {
+            trim_heap();
+        }
         let change = match result {
             Ok(c) => c,
             Err(e) => {
@@ -560,8 +581,11 @@ impl Engine {
                 let _ = w.send(done.clone());
             }
         }
-        if let Some(tree) = self.tree.as_mut() {
+        if self.saved_at.elapsed() >= SAVE_EVERY
+            && let Some(tree) = self.tree.as_mut()
+        {
             tokio::task::block_in_place(|| tree.save_cache());
+            self.saved_at = Instant::now();
         }
         self.decide();
     }
