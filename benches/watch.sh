@@ -1,0 +1,383 @@
+#!/usr/bin/env bash
+# Benchmark of `pmesh-dev watch` on the same generated tree as benches/hash.sh.
+#
+#   benches/watch.sh                          # RUNS=5 EDITS=15 IDLE_S=10, tree in /tmp/pmesh-bench-tree
+#   RUNS=9 EDITS=30 BENCH_DIR=/some/where benches/watch.sh
+#
+# It builds pmesh-dev in release, makes (or reuses) the ~100k-file tree of benches/hash.sh (its
+# generator is taken from that script, so both always measure the same tree), and runs
+# `pmesh-dev watch --json` on it through a manifest of its own (outside the tree; root = the
+# tree, build = ["true"], no run, debounce = $DEBOUNCE_MS). It prints:
+#   start to the `watching` event (process start to the line read; cache-warm: one start first),
+#       median of $RUNS starts          vs  git status --porcelain, median of $RUNS runs (interleaved);
+#       also $RUNS starts with --poll (no inotify watches), to show what adding the watches costs
+#   edit to `build_started` beyond the debounce, p50 and p95 over $EDITS edits of one file deep in
+#       the tree (from just before the write to the event line read, minus the debounce; each
+#       edit waits for the previous build_finished)
+#   CPU (utime+stime of the pmesh-dev process, /proc/PID/stat) over $IDLE_S idle seconds once it
+#       is watching
+#   RSS (VmRSS) divided by the number of watched files, with RSS and the file count
+#   inotify watches held (`inotify wd:` lines in /proc/PID/fdinfo/*) against the directories
+# The tree is left as it was found: the edited file gets its content back, and `.run` and the
+# `.build-*` archives pmesh-dev keeps in the tree's root are hidden from git through
+# .git/info/exclude (the tree's .gitignore already hides .pmesh/).
+# It is a benchmark, not a test: it always exits 0 once it got to measuring.
+set -euo pipefail
+export LC_ALL=C
+
+RUNS=${RUNS:-5}
+EDITS=${EDITS:-15}
+IDLE_S=${IDLE_S:-10}
+DEBOUNCE_MS=${DEBOUNCE_MS:-50}
+BENCH_DIR=${BENCH_DIR:-/tmp/pmesh-bench-tree}
+CORES=$(nproc)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MARKER_NAME=pmesh-bench-tree-v1 # the same marker as benches/hash.sh: the same tree
+
+log() { printf '%s\n' "$*" >&2; }
+ms_since() { local t0=${1/./} t1=${EPOCHREALTIME/./}; echo $(((10#$t1 - 10#$t0) / 1000)); }
+
+# --- tools -----------------------------------------------------------------------------------
+need=()
+command -v python3 >/dev/null || need+=(python3)
+command -v git >/dev/null || need+=(git)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# --- pmesh-dev --------------------------------------------------------------------------------
+log "building pmesh-dev (release)"
+(cd "$REPO" && cargo build --release --quiet)
+PMESH="$REPO/target/release/pmesh-dev"
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# Global and system git configuration must not matter (excludes, hooks, fsmonitor, ...).
+export HOME="$WORK" GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null
+unset XDG_CONFIG_HOME GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE
+
+# --- the tree: benches/hash.sh's own generator --------------------------------------------------
+HASH_SH="$REPO/benches/hash.sh"
+tree_fns=$(sed -n -e '/^generate_tree() {$/,/^}$/p' -e '/^make_tree() {$/,/^}$/p' \
+    -e '/^no_auto_gc() {$/,/^}$/p' -e '/^write_manifest() {$/,/^}$/p' "$HASH_SH")
+eval "$tree_fns"
+for f in generate_tree make_tree no_auto_gc write_manifest; do
+    declare -F "$f" >/dev/null || { log "error: $HASH_SH has no function $f any more"; exit 2; }
+done
+make_tree
+write_manifest
+no_auto_gc "$BENCH_DIR"
+# pmesh-dev keeps .run and the .build-* archives in the service root: keep them out of git's
+# sight, so that git status (the baseline) sees the clean tree it saw before.
+exclude="$BENCH_DIR/.git/info/exclude"
+mkdir -p "$(dirname "$exclude")"
+for p in /.run /.run.tmp-* /.build /.build-*; do
+    grep -qxF -- "$p" "$exclude" 2>/dev/null || printf '%s\n' "$p" >>"$exclude"
+done
+
+cat >"$WORK/pmesh.toml" <<EOF
+[services.tree]
+root = "$BENCH_DIR"
+build = ["true"]
+debounce = "${DEBOUNCE_MS}ms"
+EOF
+
+total_dirs=$(find "$BENCH_DIR" -path "$BENCH_DIR/.git" -prune -o -path "$BENCH_DIR/.pmesh" -prune \
+    -o -name '.build*' -prune -o -type d -print | wc -l)
+tracked_dirs=$(git -C "$BENCH_DIR" ls-files | sed -n 's|/[^/]*$||p' | sort -u |
+    awk -F/ '{p = ""; for (i = 1; i <= NF; i++) {p = p (i > 1 ? "/" : "") $i; print p}}' | sort -u | wc -l)
+# The file to edit: the deepest tracked source file (ties: the first in git's order).
+edit_file=$(git -C "$BENCH_DIR" ls-files | grep -E '\.(ts|tsx|js|jsx)$' |
+    awk -F/ 'NF > best {best = NF; f = $0} END {print f}')
+log "tree: $total_dirs directories on disk (ignored ones included), $((tracked_dirs + 1)) holding tracked files (root included)"
+log "edited file: $edit_file"
+
+# ==============================================================================================
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$PMESH" "$WORK/pmesh.toml" "$BENCH_DIR" "$edit_file" "$RUNS" "$EDITS" "$IDLE_S" \
+    "$DEBOUNCE_MS" "$CORES" "$LOAD_BEFORE" "$total_dirs" "$((tracked_dirs + 1))" "$WORK" <<'PY' || true
+import json, os, random, select, signal, statistics, subprocess, sys, time
+
+(pm, manifest, tree, edit_rel, runs, edits, idle_s, debounce_ms, cores, load_before,
+ total_dirs, tracked_dirs, work) = sys.argv[1:]
+runs, edits, idle_s, debounce_ms = int(runs), int(edits), float(idle_s), float(debounce_ms)
+edit_path = os.path.join(tree, edit_rel)
+TICK = os.sysconf("SC_CLK_TCK")
+now = time.monotonic
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+class Watch:
+    """A `pmesh-dev watch --json` process and its events, each stamped when its line is read."""
+    def __init__(self, *extra):
+        self.err = open(os.path.join(work, "watch.stderr"), "ab")
+        self.t0 = now()
+        self.p = subprocess.Popen([pm, "watch", "--json", "--manifest", manifest, *extra],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=self.err, cwd=work)
+        self.fd = self.p.stdout.fileno()
+        self.buf = b""
+        self.lines = []      # (time read, event)
+        self.seen = []
+
+    def _fill(self, timeout):
+        r, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if not r:
+            return False
+        chunk = os.read(self.fd, 65536)
+        t = now()
+        if not chunk:
+            raise RuntimeError("pmesh-dev exited (status %s); stderr in %s" %
+                               (self.p.poll(), self.err.name))
+        self.buf += chunk
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"event": "?", "raw": line.decode(errors="replace")}
+            self.lines.append((t, ev))
+        return True
+
+    def next(self, timeout):
+        """The next event as (time read, event), or None after `timeout` seconds."""
+        end = now() + timeout
+        while not self.lines:
+            if not self._fill(end - now()) and now() >= end:
+                return None
+        item = self.lines.pop(0)
+        self.seen.append(item[1])
+        return item
+
+    def wait_for(self, pred, timeout, what):
+        end = now() + timeout
+        while True:
+            item = self.next(end - now())
+            if item is None:
+                raise RuntimeError("no %s within %gs; events so far: %s" %
+                                   (what, timeout, [e.get("event") for e in self.seen][-20:]))
+            if pred(item[1]):
+                return item
+
+    def drain(self, quiet):
+        """Events until none came for `quiet` seconds."""
+        out = []
+        while True:
+            item = self.next(quiet)
+            if item is None:
+                return out
+            out.append(item[1])
+
+    def settle(self):
+        """After `watching`: let the start-up build (if any) finish, then a short quiet time."""
+        item = self.next(0.5)
+        while item is not None:
+            if item[1].get("event") == "build_started":
+                self.wait_for(lambda e: e.get("event") == "build_finished", 60, "build_finished")
+            item = self.next(0.5)
+
+    def cpu_ticks(self):
+        with open("/proc/%d/stat" % self.p.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
+
+    def status(self, key):
+        with open("/proc/%d/status" % self.p.pid) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def inotify_watches(self):
+        n, d = 0, "/proc/%d/fdinfo" % self.p.pid
+        for fd in os.listdir(d):
+            try:
+                with open(os.path.join(d, fd)) as f:
+                    n += sum(1 for line in f if line.startswith("inotify wd:"))
+            except OSError:
+                pass
+        return n
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGINT)
+        try:
+            code = self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            code = self.p.wait()
+            log("  pmesh-dev did not stop within 60 s of SIGINT: killed")
+        self.p.stdout.close()
+        self.err.close()
+        return code
+
+def git_status():
+    """Wall and CPU (user + sys) seconds of one `git status --porcelain`, and its output size."""
+    t0 = now()
+    p = subprocess.Popen(["git", "status", "--porcelain"], cwd=tree,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    out = p.stdout.read()
+    _, _, ru = os.wait4(p.pid, 0)
+    p.returncode = 0
+    return now() - t0, ru.ru_utime + ru.ru_stime, len(out)
+
+def pct(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+procs = []
+original = open(edit_path, "rb").read()
+orig_stat = os.stat(edit_path)
+results = {}
+try:
+    # --- warm-up: fills pmesh-dev's digest cache, git's index and the page cache ---------------
+    log("warm-up: one pmesh-dev start and git status (x2, then the 2 s racy window)")
+    w = Watch(); procs.append(w)
+    w.wait_for(lambda e: e.get("event") == "watching", 300, "watching")
+    w.settle()
+    code = w.stop()
+    if code != 0:
+        log("  warning: pmesh-dev exited with %s after SIGINT" % code)
+    git_status(); time.sleep(2.2); g = git_status()
+    if g[2]:
+        log("warning: git status is not clean on the tree (%d bytes of output)" % g[2])
+
+    # --- start to `watching` vs git status, interleaved ---------------------------------------
+    log("start: pmesh-dev watch until `watching` vs git status --porcelain (%d runs each)" % runs)
+    starts, startup_ms, start_cpu, gst, gst_cpu, exit_codes = [], [], [], [], [], []
+    for i in range(runs):
+        w = Watch(); procs.append(w)
+        t, ev = w.wait_for(lambda e: e.get("event") == "watching", 300, "watching")
+        cpu = w.cpu_ticks() / TICK
+        starts.append(t - w.t0); startup_ms.append(ev.get("startup_ms", 0)); start_cpu.append(cpu)
+        w.settle()
+        exit_codes.append(w.stop())
+        g = git_status(); gst.append(g[0]); gst_cpu.append(g[1])
+        log("  run %d: pmesh-dev %.1f ms (startup_ms %s, cpu %.0f ms), git status %.1f ms (cpu %.0f ms)"
+            % (i + 1, starts[-1] * 1e3, startup_ms[-1], cpu * 1e3, gst[-1] * 1e3, gst_cpu[-1] * 1e3))
+
+    # The same start without inotify (--poll): what setting up the watches costs.
+    log("start with --poll (no inotify watches), for the breakdown (%d runs)" % runs)
+    poll_starts = []
+    for i in range(runs):
+        w = Watch("--poll"); procs.append(w)
+        t, ev = w.wait_for(lambda e: e.get("event") == "watching", 300, "watching")
+        poll_starts.append(t - w.t0)
+        w.settle()
+        exit_codes.append(w.stop())
+    log("  --poll starts, ms: %s" % " ".join("%.0f" % (s * 1e3) for s in poll_starts))
+
+    # --- one long watch: idle CPU, memory, watches, then edits --------------------------------
+    log("idle: one watch, %g s without changes" % idle_s)
+    w = Watch(); procs.append(w)
+    _, watching = w.wait_for(lambda e: e.get("event") == "watching", 300, "watching")
+    w.settle()
+    time.sleep(1.0)
+    c0, t0 = w.cpu_ticks(), now()
+    during = w.drain(idle_s)        # waits idle_s (or more if events keep coming)
+    c1, t1 = w.cpu_ticks(), now()
+    idle_cpu_ms = (c1 - c0) * 1000 / TICK * (10.0 / (t1 - t0))
+    if during:
+        log("  note: events during the idle time: %s" % [e.get("event") for e in during])
+    rss, hwm = w.status("VmRSS"), w.status("VmHWM")
+    watches = w.inotify_watches()
+    log("  cpu %.0f ms per 10 s (%d ticks of %d ms over %.1f s), VmRSS %.1f MB (peak %.1f MB), %d inotify watches"
+        % (idle_cpu_ms, c1 - c0, 1000 // TICK, t1 - t0, rss / 2**20, hwm / 2**20, watches))
+
+    log("edits: %d appends to %s, each waiting for build_finished" % (edits, edit_rel))
+    lat, lat_raw, wrong = [], [], 0
+    for i in range(edits):
+        extra = w.drain(0.15 + random.random() * 0.1)
+        if extra:
+            log("  note: events before edit %d: %s" % (i + 1, [e.get("event") for e in extra]))
+        t0 = now()
+        with open(edit_path, "ab") as f:
+            f.write(b"// pmesh bench edit %d\n" % i)
+        t, ev = w.wait_for(lambda e: e.get("event") == "build_started", 30, "build_started")
+        if edit_rel not in ev.get("changed", []):
+            wrong += 1
+        lat_raw.append((t - t0) * 1e3)
+        lat.append((t - t0) * 1e3 - debounce_ms)
+        bid = ev.get("id")
+        _, fin = w.wait_for(lambda e: e.get("event") == "build_finished" and e.get("id") == bid,
+                            60, "build_finished")
+        log("  edit %2d: %.1f ms to build_started (%.1f beyond the debounce), build %s ms"
+            % (i + 1, lat_raw[-1], lat[-1], fin.get("duration_ms")))
+    rss_after, hwm_after = w.status("VmRSS"), w.status("VmHWM")
+    code = w.stop(); exit_codes.append(code)
+
+    results = dict(starts=starts, poll_starts=poll_starts, startup_ms=startup_ms, start_cpu=start_cpu, gst=gst,
+                   gst_cpu=gst_cpu, idle_cpu_ms=idle_cpu_ms, idle_ticks=c1 - c0, rss=rss,
+                   hwm=hwm, rss_after=rss_after, hwm_after=hwm_after, watches=watches, watching=watching, lat=lat,
+                   lat_raw=lat_raw, wrong=wrong, exit_codes=exit_codes)
+except Exception as e:
+    log("error: %s" % e)
+finally:
+    for w in procs:
+        if w.p.poll() is None:
+            w.stop()
+    with open(edit_path, "wb") as f:
+        f.write(original)
+    os.utime(edit_path, ns=(orig_stat.st_atime_ns, orig_stat.st_mtime_ns))
+    subprocess.run(["git", "status", "--porcelain"], cwd=tree, stdout=subprocess.DEVNULL)
+
+if not results:
+    sys.exit(0)
+
+# --- table ------------------------------------------------------------------------------------
+r = results
+med = statistics.median
+ms = lambda s: "%.1f ms" % (s * 1e3)
+files, dirs = r["watching"].get("files", 0), r["watching"].get("dirs", 0)
+m_start, m_gst = med(r["starts"]), med(r["gst"])
+start_ratio = m_start / m_gst
+p50, p95 = pct(r["lat"], 0.5), pct(r["lat"], 0.95)
+per_file = r["rss"] / files if files else float("inf")
+verdict = lambda ok: "met" if ok else "MISSED"
+row = "  %-34s %12s   %-24s %18s   %7s   %-9s %s"
+print()
+print("pmesh-dev watch benchmark: %s" % tree)
+print("  watched: %d files in %d directories (mode %s); the tree has %s directories on disk, %s holding tracked files"
+      % (files, dirs, r["watching"].get("mode"), total_dirs, tracked_dirs))
+print("  debounce %g ms, build = [\"true\"], no run; %s cores (load average before: %s, after: %s)"
+      % (debounce_ms, cores, load_before, " ".join(open("/proc/loadavg").read().split()[:3])))
+print("  medians of %d starts (cache-warm: one start before), %d edits of %s"
+      % (len(r["starts"]), len(r["lat"]), edit_rel))
+print()
+print(row % ("measure", "pmesh-dev", "baseline", "baseline", "ratio", "target", "verdict"))
+print(row % ("start to `watching`", ms(m_start), "git status --porcelain", ms(m_gst),
+             "%.2fx" % start_ratio, "<= 1.5x", verdict(start_ratio <= 1.5)))
+print(row % ("  cpu (user+sys) of that start", ms(med(r["start_cpu"])), "git status cpu",
+             ms(med(r["gst_cpu"])), "%.2fx" % (med(r["start_cpu"]) / med(r["gst_cpu"])), "", ""))
+print(row % ("  its own startup_ms", "%.0f ms" % med(r["startup_ms"]), "", "", "", "", ""))
+print(row % ("  start with --poll (no watches)", ms(med(r["poll_starts"])), "so adding the watches",
+             ms(m_start - med(r["poll_starts"])), "", "", ""))
+print(row % ("edit to build_started - debounce", "p50 %.1f ms" % p50, "", "", "", "< 10 ms",
+             verdict(p50 < 10)))
+print(row % ("", "p95 %.1f ms" % p95, "", "", "", "", ""))
+print(row % ("idle CPU, per 10 s", "%.0f ms" % r["idle_cpu_ms"], "", "", "", "< 50 ms",
+             verdict(r["idle_cpu_ms"] < 50)))
+print(row % ("RSS per watched file", "%.0f B" % per_file, "VmRSS / files",
+             "%.1f MB / %d" % (r["rss"] / 2**20, files), "", "< 400 B", verdict(per_file < 400)))
+print(row % ("  RSS after the %d edits" % len(r["lat"]), "%.1f MB" % (r["rss_after"] / 2**20),
+             "peak (VmHWM) then", "%.1f MB" % (r["hwm_after"] / 2**20), "", "", ""))
+print(row % ("inotify watches", "%d" % r["watches"], "directories watched", "%d" % dirs,
+             "%.2fx" % (r["watches"] / dirs if dirs else 0), "= dirs", verdict(r["watches"] == dirs)))
+print()
+print("  idle CPU: %d clock ticks of %d ms; build_started named the edited file %d/%d times; exit codes after SIGINT: %s"
+      % (r["idle_ticks"], 1000 // TICK, len(r["lat"]) - r["wrong"], len(r["lat"]),
+         " ".join(map(str, r["exit_codes"]))))
+print("  all starts, ms: pmesh-dev %s | git status %s"
+      % (" ".join("%.0f" % (s * 1e3) for s in r["starts"]), " ".join("%.0f" % (s * 1e3) for s in r["gst"])))
+print("  all edits, ms to build_started (debounce included): %s"
+      % " ".join("%.1f" % x for x in r["lat_raw"]))
+PY
+exit 0
