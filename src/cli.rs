@@ -164,6 +164,23 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// The services `names` (all when empty), ready to share between tasks.
+fn selected(m: &Manifest, names: &[String]) -> Result<Vec<Arc<crate::manifest::Service>>> {
+    Ok(m.select(names)
+        .map_err(usage)?
+        .into_iter()
+        .cloned()
+        .map(Arc::new)
+        .collect())
+}
+
+/// A reporter printing plain lines (prefixed with the service when there are several) or
+/// NDJSON.
+fn plain_or_json(json: bool, services: usize) -> Arc<Reporter> {
+    let format = if json { Format::Json } else { Format::Plain };
+    Arc::new(Reporter::new(format, services > 1))
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,13 +196,7 @@ fn watch(
 ) -> Result<u8> {
     use std::io::IsTerminal;
     let m = load_manifest(manifest)?;
-    let services: Vec<_> = m
-        .select(names)
-        .map_err(usage)?
-        .into_iter()
-        .cloned()
-        .map(Arc::new)
-        .collect();
+    let services = selected(&m, names)?;
     // The TUI needs a terminal on both sides; anything else gets plain lines.
     let tui = !no_tui && !json && io::stdout().is_terminal() && io::stdin().is_terminal();
     let format = match (tui, json) {
@@ -286,8 +297,7 @@ fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> 
             m.path.display()
         )));
     }
-    let format = if json { Format::Json } else { Format::Plain };
-    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
+    let reporter = plain_or_json(json, services.len());
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = CancellationToken::new();
@@ -369,15 +379,8 @@ fn remote_code(name: &str, done: std::io::Result<crate::event::Done>) -> u8 {
 
 fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
-    let services: Vec<_> = m
-        .select(names)
-        .map_err(usage)?
-        .into_iter()
-        .cloned()
-        .map(Arc::new)
-        .collect();
-    let format = if json { Format::Json } else { Format::Plain };
-    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
+    let services = selected(&m, names)?;
+    let reporter = plain_or_json(json, services.len());
     let rt = runtime()?;
     rt.block_on(async {
         let cancel = CancellationToken::new();

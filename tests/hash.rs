@@ -177,43 +177,6 @@ fn cold_id(t: &Tmp, root: &Path, service: &str) -> String {
     id
 }
 
-/// `git ls-files --others --exclude-standard` in `dir`, a fresh repository, with no user or
-/// system configuration (so no global excludes), sorted by bytes.
-fn git_untracked(dir: &Path, home: &Path) -> Vec<Vec<u8>> {
-    fs::create_dir_all(home).expect("create empty HOME");
-    let git = |args: &[&str]| -> Output {
-        let out = Command::new("git")
-            .args(["-c", "core.excludesFile=/dev/null"])
-            .args(args)
-            .current_dir(dir)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", home)
-            .env("XDG_CONFIG_HOME", home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run git (these tests need git installed)");
-        assert!(
-            out.status.success(),
-            "git {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    };
-    git(&["init", "-q", "."]);
-    let out = git(&["ls-files", "-z", "--others", "--exclude-standard"]);
-    let mut paths: Vec<Vec<u8>> = out
-        .stdout
-        .split(|b| *b == 0)
-        .filter(|p| !p.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect();
-    paths.sort();
-    paths
-}
-
 /// Whether a relative path goes through a name pmesh-dev always leaves out.
 fn always_excluded(path: &[u8]) -> bool {
     path.split(|b| *b == b'/').any(|c| {
@@ -450,7 +413,7 @@ fn file_set_equals_git_ls_files_on_a_fresh_repo() {
     let repo = t.join("repo");
     gen_tree(&repo);
 
-    let git_all = git_untracked(&repo, &t.join("empty-home"));
+    let git_all = git_untracked_bytes(&repo, &t.join("empty-home"));
     // The test means something only if git does see pmesh-dev's own directories.
     for own in [
         &b".build/b"[..],
@@ -557,7 +520,7 @@ fn service_file_set_follows_ignore_files_above_the_service_root() {
         "pmesh.toml",
         b"[services.s]\nroot = \"svc/inner\"\nbuild = \"true\"\n",
     );
-    let git: Vec<Vec<u8>> = git_untracked(&top, &t.join("empty-home"))
+    let git: Vec<Vec<u8>> = git_untracked_bytes(&top, &t.join("empty-home"))
         .into_iter()
         .filter_map(|p| p.strip_prefix(b"svc/inner/".as_slice()).map(<[u8]>::to_vec))
         .collect();

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use crate::util::*;
 
@@ -67,39 +66,12 @@ fn expect_bad(src: &str, line: usize, col: usize, needles: &[&str]) -> String {
     err
 }
 
-/// `git ls-files --others --exclude-standard` in a fresh repository at `dir`, without any
-/// user or system configuration.
+/// [`git_untracked_bytes`] as strings.
 fn git_untracked(dir: &Path, home: &Path) -> Vec<String> {
-    fs::create_dir_all(home).unwrap();
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(["-c", "core.excludesFile=/dev/null"])
-            .args(args)
-            .current_dir(dir)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", home)
-            .env("XDG_CONFIG_HOME", home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run git (these tests need git installed)");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    };
-    git(&["init", "-q", "."]);
-    let out = git(&["ls-files", "-z", "--others", "--exclude-standard"]);
-    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split('\0')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
-    v.sort();
-    v
+    git_untracked_bytes(dir, home)
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(&p).into_owned())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

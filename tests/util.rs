@@ -349,3 +349,40 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// `git ls-files --others --exclude-standard` in `dir`, a fresh repository, with no user or
+/// system configuration (so no global excludes), sorted by bytes.
+pub fn git_untracked_bytes(dir: &Path, home: &Path) -> Vec<Vec<u8>> {
+    fs::create_dir_all(home).expect("create empty HOME");
+    let git = |args: &[&str]| -> Output {
+        let out = Command::new("git")
+            .args(["-c", "core.excludesFile=/dev/null"])
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", home)
+            .env("XDG_CONFIG_HOME", home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run git (these tests need git installed)");
+        assert!(
+            out.status.success(),
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    git(&["init", "-q", "."]);
+    let out = git(&["ls-files", "-z", "--others", "--exclude-standard"]);
+    let mut paths: Vec<Vec<u8>> = out
+        .stdout
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    paths.sort();
+    paths
+}
