@@ -132,16 +132,19 @@ async fn answer(
         return write_line(&mut write, &Answer::Done { done }).await;
     }
     loop {
+        // Biased: events are emitted before the command's reply is sent, so every event of the
+        // request is forwarded before its `done` line.
         tokio::select! {
-            done = &mut rx => {
-                let done = done.unwrap_or_else(|_| Done::new(1, "the watch stopped"));
-                return write_line(&mut write, &Answer::Done { done }).await;
-            }
+            biased;
             e = events.recv() => match e {
                 Ok(e) if e.service == service => write_line(&mut write, &Answer::Event(e)).await?,
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => return Ok(()),
             },
+            done = &mut rx => {
+                let done = done.unwrap_or_else(|_| Done::new(1, "the watch stopped"));
+                return write_line(&mut write, &Answer::Done { done }).await;
+            }
             _ = shutdown.cancelled() => {
                 let done = Done::new(130, "the watch is stopping");
                 return write_line(&mut write, &Answer::Done { done }).await;
