@@ -5,45 +5,54 @@
 //! - the target is read once when a request (or TCP connection) arrives, so after
 //!   [`Switch::set`] every new request goes to the new instance while requests already sent to
 //!   the old one finish there, counted on its [`Upstream`] until their response is done;
-//! - pooled upstream connections are dropped after `POOL_IDLE`, well before a dev server's
-//!   own keep-alive timeout (Node's is 5 s) would close them under our feet;
+//! - an idle upstream connection is closed after `UPSTREAM_IDLE`, well before a dev server's
+//!   own keep-alive timeout (Node's is 5 s) would close it under our feet;
 //! - a request that fails on a reused connection before any of it was written is retried once
-//!   on a fresh connection (`retry_canceled_requests`).
+//!   on a fresh connection.
+//!
+//! Each client connection has its own upstream connection, opened on its first request, reused
+//! while the target stays the same, and replaced when the target changes or it was closed. The
+//! upstream connection is driven inside the client connection's task (see [`LocalWake`]), so
+//! forwarding a request hands nothing to another task or thread: that hand-off (a pooled
+//! client's connection task woken for every request) used to cost more than the forwarding.
 
 use std::convert::Infallible;
 use std::fmt;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-/// How long an idle pooled upstream connection may be reused: shorter than any common dev
-/// server's keep-alive timeout, so we never pick a connection the backend is about to close.
-const POOL_IDLE: Duration = Duration::from_secs(1);
+/// How long an idle upstream connection may be reused: shorter than any common dev server's
+/// keep-alive timeout, so we never pick a connection the backend is about to close.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(1);
 /// How long open connections may take to finish once the proxy is shutting down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Bound on connecting to an instance (loopback: a refusal is immediate, this is a backstop).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Rounds a connection task polls itself in one go while its parts keep waking each other,
+/// before it yields to the scheduler like any other woken task.
+const LOCAL_ROUNDS: usize = 16;
 
 /// What the proxy forwards to right now. Switched atomically by `Switch::set`.
 #[derive(Clone, Debug)]
@@ -57,13 +66,49 @@ pub enum Target {
     Down { status: u16, body: String },
 }
 
+/// A count of work in progress that can be waited on until it is 0.
+#[derive(Default)]
+struct Count {
+    n: AtomicUsize,
+    /// Wakes every `zero()` caller when `n` drops to 0.
+    zero: Notify,
+}
+
+impl Count {
+    fn get(&self) -> usize {
+        self.n.load(Ordering::SeqCst)
+    }
+
+    fn add(&self) {
+        self.n.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn sub(&self) {
+        if self.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.zero.notify_waiters();
+        }
+    }
+
+    /// Resolves once the count is 0 (immediately if it already is).
+    async fn zero(&self) {
+        loop {
+            let mut zero = pin!(self.zero.notified());
+            // Registered before the check: a drop to 0 right after it still wakes us.
+            zero.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            zero.await;
+        }
+    }
+}
+
 /// One instance's address and its in-flight work.
 pub struct Upstream {
     addr: SocketAddr,
     /// Requests, upgraded connections and TCP connections to this instance not finished yet.
-    /// Incremented by the proxy when it forwards, decremented when its `InFlight` guard drops;
-    /// `drained()` callers subscribe to it.
-    in_flight: watch::Sender<usize>,
+    /// Incremented by the proxy when it forwards, decremented when its `InFlight` guard drops.
+    in_flight: Count,
 }
 
 impl Upstream {
@@ -71,7 +116,7 @@ impl Upstream {
     pub fn new(addr: SocketAddr) -> Arc<Upstream> {
         Arc::new(Upstream {
             addr,
-            in_flight: watch::Sender::new(0),
+            in_flight: Count::default(),
         })
     }
 
@@ -82,19 +127,17 @@ impl Upstream {
 
     /// Requests (and upgraded connections / raw TCP connections) to it not finished yet.
     pub fn in_flight(&self) -> usize {
-        *self.in_flight.borrow()
+        self.in_flight.get()
     }
 
     /// Resolves once `in_flight()` is 0 (immediately if it already is).
     pub async fn drained(&self) {
-        let mut rx = self.in_flight.subscribe();
-        // The sender lives in `self`, which outlives this borrow, so this cannot fail.
-        let _ = rx.wait_for(|n| *n == 0).await;
+        self.in_flight.zero().await;
     }
 
     /// Counts one unit of work on this upstream until the returned guard is dropped.
     fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.send_modify(|n| *n += 1);
+        self.in_flight.add();
         InFlight(self.clone())
     }
 }
@@ -119,7 +162,23 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.in_flight.sub();
+    }
+}
+
+/// One upgraded connection of the proxy, counted until it is dropped.
+struct Tunnel(Arc<Count>);
+
+impl Tunnel {
+    fn enter(count: &Arc<Count>) -> Tunnel {
+        count.add();
+        Tunnel(count.clone())
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.0.sub();
     }
 }
 
@@ -151,11 +210,17 @@ impl Switch {
     /// Where a request arriving now goes: while Starting, waits (at most its `wait`) for the
     /// target to become Live or Down, and answers Starting if it did not.
     async fn route(&self) -> Route {
+        let route = Route::from(&*self.tx.borrow());
+        match route {
+            // Boxed: this rare wait would otherwise make every request's future larger.
+            Route::Starting { wait } => Box::pin(self.wait_while_starting(wait)).await,
+            route => route,
+        }
+    }
+
+    async fn wait_while_starting(&self, wait: Duration) -> Route {
+        // `wait_for` looks at the current value first, so a change since the borrow counts.
         let mut rx = self.tx.subscribe();
-        let first = Route::from(&*rx.borrow_and_update());
-        let Route::Starting { wait } = first else {
-            return first;
-        };
         let resolved = async {
             rx.wait_for(|t| !matches!(t, Target::Starting { .. }))
                 .await
@@ -236,7 +301,66 @@ fn escape(text: &str) -> String {
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown`, forwarding per the switch's current target.
+///
+/// The proxy runs on a thread of its own with a single-threaded runtime: a request through it
+/// is a few small reads and writes on two sockets, which a worker pool makes more expensive by
+/// handing tasks and wake-ups between its threads (and which one core serves far faster than
+/// a typical dev server answers). Returns once that thread has finished.
 pub async fn serve_http(
+    listener: TcpListener,
+    service: String,
+    switch: Switch,
+    shutdown: CancellationToken,
+) {
+    // Dropping this future (an aborted task) stops the thread too.
+    let stop = shutdown.child_token();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(_) => return,
+    };
+    // Handed back if the thread or its runtime cannot be made, to serve from here instead.
+    let handed = Arc::new(Mutex::new(Some(listener)));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("proxy {service}"))
+        .spawn({
+            let (handed, service, switch, stop) = (
+                handed.clone(),
+                service.clone(),
+                switch.clone(),
+                stop.clone(),
+            );
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    let listener = handed.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(listener) = listener {
+                        runtime.block_on(async move {
+                            if let Ok(listener) = TcpListener::from_std(listener) {
+                                serve_http_here(listener, service, switch, stop).await;
+                            }
+                        });
+                    }
+                }
+                let _ = done_tx.send(());
+            }
+        });
+    if spawned.is_ok() {
+        let _ = done_rx.await;
+    }
+    let listener = handed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(listener) = listener
+        && let Ok(listener) = TcpListener::from_std(listener)
+    {
+        serve_http_here(listener, service, switch, stop).await;
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` on the current runtime until `shutdown`.
+async fn serve_http_here(
     listener: TcpListener,
     service: String,
     switch: Switch,
@@ -245,8 +369,8 @@ pub async fn serve_http(
     let proxy = Arc::new(Proxy {
         service,
         switch,
-        client: upstream_client(),
         shutdown: shutdown.clone(),
+        tunnels: Arc::default(),
     });
     let mut conns = JoinSet::new();
     loop {
@@ -264,6 +388,9 @@ pub async fn serve_http(
     }
     drop(listener);
     finish(conns).await;
+    // Upgraded connections end a grace period after the shutdown (see `tunnel`); they run on
+    // this runtime, which ends with this function.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, proxy.tunnels.zero()).await;
 }
 
 /// Forwards raw TCP: each new connection goes to the live instance at accept time (Starting:
@@ -303,66 +430,390 @@ async fn tunnel_tcp(switch: Switch, mut inbound: TcpStream) {
         // Down, or still starting past the wait: closing is all raw TCP can say.
         return;
     };
-    let connect = TcpStream::connect(in_flight.upstream().addr());
-    let Ok(Ok(mut outbound)) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
+    let Ok(mut outbound) = connect(in_flight.upstream().addr()).await else {
         return;
     };
     let _ = inbound.set_nodelay(true);
-    let _ = outbound.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
 }
 
-/// The body of every response the proxy sends.
-type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// A TCP connection to an instance, with Nagle off (requests and responses are small writes
+/// that must go out at once).
+async fn connect(addr: SocketAddr) -> Result<TcpStream, Failure> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(Failure::Connect(e)),
+        Err(_) => return Err(Failure::ConnectTimeout),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Why a request could not be forwarded to its instance.
+enum Failure {
+    Connect(std::io::Error),
+    ConnectTimeout,
+    Http(hyper::Error),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "cannot connect: {e}"),
+            Failure::ConnectTimeout => write!(
+                f,
+                "cannot connect: no answer within {}",
+                humantime::format_duration(CONNECT_TIMEOUT)
+            ),
+            Failure::Http(e) => f.write_str(&error_chain(e)),
+        }
+    }
+}
 
 /// Everything a connection handler needs; shared by all connections of one `serve_http`.
 struct Proxy {
     service: String,
     switch: Switch,
-    /// One client for all upstreams: its pool is keyed by authority, so instances never share
-    /// connections, and an old instance's idle connections simply expire.
-    client: Client<HttpConnector, Incoming>,
-    /// Tells upgraded tunnels, which outlive their HTTP connection, that the proxy is stopping.
+    /// Tells connections and upgraded tunnels, which outlive their HTTP connection, that the
+    /// proxy is stopping.
     shutdown: CancellationToken,
+    /// The upgraded connections open, which the proxy waits for when it stops.
+    tunnels: Arc<Count>,
 }
 
-fn upstream_client() -> Client<HttpConnector, Incoming> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        // With a timer the pool also closes expired connections instead of only skipping them.
-        .pool_timer(TokioTimer::new())
-        .retry_canceled_requests(true)
-        .build(connector)
+/// An upstream HTTP/1.1 connection as driven by its client connection's task.
+type UpstreamConn = client::Connection<TokioIo<TcpStream>, Incoming>;
+
+/// One client connection: its peer and its upstream connections.
+struct Downstream {
+    /// The client's IP, for `X-Forwarded-For`.
+    peer_ip: HeaderValue,
+    /// The waker of the part of the connection task that drives the upstream connections
+    /// (see [`LocalWake`]).
+    waker: Waker,
+    upstreams: Mutex<Upstreams>,
+}
+
+/// The upstream side of one client connection. HTTP/1 serves one request at a time, so one
+/// upstream connection is in use at a time; older ones stay here until they are done.
+struct Upstreams {
+    /// The connection for the next request, when it is not in use.
+    idle: Option<IdleConn>,
+    /// Every upstream connection still open: the idle or in-use one and any being let go.
+    conns: Vec<Pin<Box<UpstreamConn>>>,
+    /// Fires when `idle` may have been idle for `UPSTREAM_IDLE`; made on first use.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer is set and wakes the upstream part when it fires.
+    timer_armed: bool,
+}
+
+/// An upstream connection no request holds (the last response may still be streaming on it:
+/// `ready` waits for that), and the instance it is bound to.
+struct IdleConn {
+    upstream: Arc<Upstream>,
+    sender: client::SendRequest<Incoming>,
+    /// When its last response arrived.
+    since: Instant,
+}
+
+impl Downstream {
+    fn new(peer: SocketAddr, waker: Waker) -> Downstream {
+        let ip = peer.ip().to_string();
+        Downstream {
+            peer_ip: HeaderValue::from_str(&ip).expect("an IP address is a valid header value"),
+            waker,
+            upstreams: Mutex::new(Upstreams {
+                idle: None,
+                conns: Vec::new(),
+                timer: None,
+                timer_armed: false,
+            }),
+        }
+    }
+
+    fn upstreams(&self) -> MutexGuard<'_, Upstreams> {
+        // Nothing panics while holding it; recover anyway rather than poison the connection.
+        self.upstreams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drives the upstream connections and closes the idle one once it has been idle for
+    /// `UPSTREAM_IDLE`. Called whenever that part of the connection task was woken.
+    fn poll_upstreams(&self) {
+        let cx = &mut Context::from_waker(&self.waker);
+        let mut guard = self.upstreams();
+        let ups = &mut *guard;
+        if !ups.conns.is_empty() {
+            ups.conns
+                .retain_mut(|conn| conn.as_mut().poll(cx).is_pending());
+        }
+        // `timer_armed`: the timer is set and will wake this part when it fires.
+        if ups.timer_armed
+            && let Some(timer) = &mut ups.timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            ups.timer_armed = false;
+        }
+        // Armed at most once per `UPSTREAM_IDLE`, not on every request: when it fires early
+        // (the connection was used since), it is set again for the new deadline.
+        if ups.timer_armed {
+            return;
+        }
+        let Some(idle) = &ups.idle else {
+            return;
+        };
+        let deadline = idle.since + UPSTREAM_IDLE;
+        if Instant::now() >= deadline {
+            // Dropping the sender lets the connection close; that wakes this part again.
+            ups.idle = None;
+            return;
+        }
+        let timer = ups
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        // Registers the waker; it cannot have fired yet.
+        ups.timer_armed = timer.as_mut().poll(cx).is_pending();
+        if !ups.timer_armed {
+            self.waker.wake_by_ref();
+        }
+    }
+
+    /// The idle connection, if it goes to `upstream` and is still open; one to another
+    /// instance (the target changed) is let go.
+    fn take_idle(&self, upstream: &Arc<Upstream>) -> Option<client::SendRequest<Incoming>> {
+        let idle = self.upstreams().idle.take()?;
+        (Arc::ptr_eq(&idle.upstream, upstream) && !idle.sender.is_closed()).then_some(idle.sender)
+    }
+
+    fn put_idle(&self, upstream: &Arc<Upstream>, sender: client::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut ups = self.upstreams();
+        ups.idle = Some(IdleConn {
+            upstream: upstream.clone(),
+            sender,
+            since: Instant::now(),
+        });
+        if !ups.timer_armed {
+            // Have the idle timer set.
+            self.waker.wake_by_ref();
+        }
+    }
+
+    /// A new connection to `addr`, driven by this client connection's task from now on.
+    async fn open(&self, addr: SocketAddr) -> Result<client::SendRequest<Incoming>, Failure> {
+        let stream = connect(addr).await?;
+        let (sender, conn) = client::handshake(TokioIo::new(stream))
+            .await
+            .map_err(Failure::Http)?;
+        self.upstreams().conns.push(Box::pin(conn));
+        self.waker.wake_by_ref();
+        Ok(sender)
+    }
+
+    /// Sends `req` to `upstream` on this connection's upstream connection (a new one if there
+    /// is none for it), and retries once on a new connection if a reused one failed before
+    /// any of the request was written.
+    async fn send(
+        &self,
+        upstream: &Arc<Upstream>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let mut reused = self.take_idle(upstream);
+        loop {
+            let fresh = reused.is_none();
+            let mut sender = match reused.take() {
+                Some(sender) => sender,
+                // Boxed: opening is once per connection, and large.
+                None => Box::pin(self.open(upstream.addr())).await?,
+            };
+            if let Err(e) = sender.ready().await {
+                if fresh {
+                    return Err(Failure::Http(e));
+                }
+                // Closed since it was last used: nothing was sent, go again on a new one.
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    // Reusable for the next request once this exchange is done (`ready`).
+                    self.put_idle(upstream, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => req = unsent,
+                    _ => return Err(Failure::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// Sends an upgrade request on a connection of its own, which becomes the tunnel's upstream
+/// side if the instance switches protocols.
+async fn send_upgrade(
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, Failure> {
+    let stream = connect(addr).await?;
+    let (mut sender, conn) = client::handshake(TokioIo::new(stream))
+        .await
+        .map_err(Failure::Http)?;
+    // Ends once the connection is handed to the tunnel, or closed after a refusal.
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender.send_request(req).await.map_err(Failure::Http)
+}
+
+/// In-task wake-ups of a client connection's task, which has two parts: the client
+/// connection (with its request handler) and its upstream connections.
+///
+/// The parts wake each other all the time: sending a request wakes the upstream connection,
+/// its response wakes the handler, and so on. With the task's own waker each of those would
+/// reschedule the task through the runtime. Instead each part gets a waker of its own
+/// ([`PartWake`]) that notes which part to poll: while the task is being polled, the task
+/// just polls that part again in place; outside of a poll (socket readiness, timers) the
+/// waker also wakes the task. A round polls only the parts that were woken.
+struct LocalWake {
+    /// The parts woken and not polled since (`SERVER`, `UPSTREAMS`).
+    woken: AtomicU8,
+    /// True while the task polls its parts.
+    polling: AtomicBool,
+    /// The task's waker, from its latest poll.
+    task: Mutex<Option<Waker>>,
+}
+
+/// The part of a connection task that serves the client connection.
+const SERVER: u8 = 1;
+/// The part of a connection task that drives its upstream connections.
+const UPSTREAMS: u8 = 2;
+
+impl LocalWake {
+    fn new() -> Arc<LocalWake> {
+        Arc::new(LocalWake {
+            // Both parts start out to be polled.
+            woken: AtomicU8::new(SERVER | UPSTREAMS),
+            polling: AtomicBool::new(false),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// The waker for `part`.
+    fn waker(self: &Arc<Self>, part: u8) -> Waker {
+        Waker::from(Arc::new(PartWake {
+            local: self.clone(),
+            part,
+        }))
+    }
+
+    fn wake(&self, part: u8) {
+        self.woken.fetch_or(part, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(task) = &*task {
+                task.wake_by_ref();
+            }
+        }
+    }
+
+    /// Whether `part` was woken since it was last polled; it counts as polled from now on.
+    fn take(&self, part: u8) -> bool {
+        self.woken.fetch_and(!part, Ordering::SeqCst) & part != 0
+    }
+
+    /// Runs `round` (which polls the parts it `take`s) until it is ready, or until a round
+    /// ends with no part woken (then the task waits for a wake from outside).
+    async fn drive<T>(&self, mut round: impl FnMut() -> Poll<T>) -> T {
+        poll_fn(|cx| {
+            {
+                let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+                if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                    *task = Some(cx.waker().clone());
+                }
+            }
+            for _ in 0..LOCAL_ROUNDS {
+                // A wake from now on is either taken in this round or seen at its end; one
+                // after `polling` is cleared also wakes the task.
+                self.polling.store(true, Ordering::SeqCst);
+                let polled = round();
+                self.polling.store(false, Ordering::SeqCst);
+                if polled.is_ready() {
+                    return polled;
+                }
+                if self.woken.load(Ordering::SeqCst) == 0 {
+                    return Poll::Pending;
+                }
+            }
+            // Still busy: let other tasks run first.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The waker of one part of a connection task (see [`LocalWake`]).
+struct PartWake {
+    local: Arc<LocalWake>,
+    part: u8,
+}
+
+impl Wake for PartWake {
+    fn wake(self: Arc<Self>) {
+        self.local.wake(self.part);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.local.wake(self.part);
+    }
 }
 
 async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let shutdown = proxy.shutdown.clone();
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(peer, req).await) }
-    });
+    let wake = LocalWake::new();
+    let server_waker = wake.waker(SERVER);
+    let down = Arc::new(Downstream::new(peer, wake.waker(UPSTREAMS)));
+    let service = {
+        let (proxy, down) = (proxy.clone(), down.clone());
+        service_fn(move |req| {
+            let (proxy, down) = (proxy.clone(), down.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(&down, req).await) }
+        })
+    };
     let conn = http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = shutdown.cancelled() => {}
-    }
-    // Finish the request in progress, if any, then close; `finish` bounds how long this takes.
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    let mut conn = pin!(conn);
+    // A child token: its lock is this connection's alone, unlike the proxy-wide one.
+    let stop = proxy.shutdown.child_token();
+    let mut stopping = pin!(stop.cancelled());
+    let mut stopped = false;
+    wake.drive(|| {
+        if wake.take(UPSTREAMS) {
+            down.poll_upstreams();
+        }
+        if wake.take(SERVER) {
+            let mut cx = Context::from_waker(&server_waker);
+            if !stopped && stopping.as_mut().poll(&mut cx).is_ready() {
+                // Finish the request in progress, if any, then close; `finish` bounds how
+                // long this takes.
+                conn.as_mut().graceful_shutdown();
+                stopped = true;
+            }
+            return conn.as_mut().poll(&mut cx).map(drop);
+        }
+        Poll::Pending
+    })
+    .await;
 }
 
 impl Proxy {
-    async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, down: &Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
         match self.switch.route().await {
-            Route::Live(in_flight) => self.forward(in_flight, peer, req).await,
+            Route::Live(in_flight) => self.forward(down, in_flight, req).await,
             Route::Down { status, body } => page(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
                 body,
@@ -384,32 +835,24 @@ impl Proxy {
 
     async fn forward(
         &self,
+        down: &Arc<Downstream>,
         in_flight: InFlight,
-        peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let upstream = in_flight.upstream().clone();
+        let upstream = in_flight.upstream();
         let upgrade = upgrade_protocol(req.headers());
         // Taken before the request moves on: it resolves to the client's raw connection once
         // our 101 has been written.
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
 
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(upstream.addr().to_string())
-            .path_and_query(path)
-            .build();
-        let uri = match uri {
-            Ok(uri) => uri,
-            Err(e) => {
-                let detail = format!("The request target cannot be forwarded: {e}");
-                let body = error_page(&self.service, "bad request", &detail, &[]);
-                return page(StatusCode::BAD_REQUEST, body);
-            }
-        };
-        parts.uri = uri;
+        // Origin form (`/path?query`), as an instance expects from a client.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = match parts.uri.path_and_query() {
+                Some(path) => Uri::from(path.clone()),
+                None => Uri::from_static("/"),
+            };
+        }
         // Keep-alive to the instance regardless of what the client speaks.
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
@@ -421,16 +864,24 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
         }
-        set_forwarded(&mut parts.headers, peer);
+        set_forwarded(&mut parts.headers, &down.peer_ip);
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/1.0 clients may leave it out; HTTP/1.1 requires it.
+            let host = HeaderValue::from_str(&upstream.addr().to_string());
+            parts
+                .headers
+                .insert(header::HOST, host.expect("a valid value"));
+        }
+        let req = Request::from_parts(parts, body);
 
-        let mut resp = match self.client.request(Request::from_parts(parts, body)).await {
+        let sent = match client_upgrade {
+            Some(_) => Box::pin(send_upgrade(upstream.addr(), req)).await,
+            None => down.send(upstream, req).await,
+        };
+        let mut resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
-                let detail = format!(
-                    "The instance at {} did not answer: {}",
-                    upstream.addr(),
-                    error_chain(&e)
-                );
+                let detail = format!("The instance at {} did not answer: {e}", upstream.addr());
                 return page(StatusCode::BAD_GATEWAY, self.failure_page(&detail));
             }
         };
@@ -442,9 +893,10 @@ impl Proxy {
             };
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             let shutdown = self.shutdown.clone();
+            let counted = Tunnel::enter(&self.tunnels);
             tokio::spawn(async move {
                 // The tunnel counts as in flight on this instance until it closes.
-                let _in_flight = in_flight;
+                let _in_flight = (in_flight, counted);
                 tunnel(client_upgrade, backend_upgrade, shutdown).await;
             });
             let (mut parts, _) = resp.into_parts();
@@ -456,16 +908,17 @@ impl Proxy {
             if let Some(protocol) = protocol {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
-            return Response::from_parts(parts, empty());
+            return Response::from_parts(parts, ProxyBody::Empty);
         }
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = Tracked {
-            inner: body,
+        let body = ProxyBody::Upstream {
+            body,
+            down: down.clone(),
             _in_flight: in_flight,
         };
-        Response::from_parts(parts, body.boxed_unsync())
+        Response::from_parts(parts, body)
     }
 
     fn failure_page(&self, detail: &str) -> String {
@@ -493,42 +946,67 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade, shutdown: CancellationTok
     }
 }
 
-/// A response body from an instance that keeps its request counted until it is dropped, which
-/// hyper does once the body has been sent or the client went away.
-struct Tracked {
-    inner: Incoming,
-    _in_flight: InFlight,
+/// The body of every response the proxy sends.
+enum ProxyBody {
+    /// A response body from an instance, which keeps its request counted until it is dropped:
+    /// hyper does that once the body has been sent or the client went away.
+    Upstream {
+        body: Incoming,
+        /// The client connection whose upstream connection reads this body.
+        down: Arc<Downstream>,
+        _in_flight: InFlight,
+    },
+    /// A page of the proxy's own; taken when sent.
+    Page(Option<Bytes>),
+    Empty,
 }
 
-impl Body for Tracked {
+impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match self.get_mut() {
+            ProxyBody::Upstream { body, down, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_ready() {
+                    return polled;
+                }
+                // The upstream connection runs in this same task: let it hand over what it has
+                // already read (typically the last chunk of a chunked body) before hyper
+                // decides to flush, so that a small response leaves in one write, not two.
+                down.poll_upstreams();
+                Pin::new(body).poll_frame(cx)
+            }
+            ProxyBody::Page(page) => Poll::Ready(page.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Empty => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Page(page) => page.is_none(),
+            ProxyBody::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Page(page) => {
+                SizeHint::with_exact(page.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ProxyBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 
-fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
 fn page(status: StatusCode, html: String) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from(html))
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(ProxyBody::Page(Some(Bytes::from(html))));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(
@@ -539,59 +1017,93 @@ fn page(status: StatusCode, html: String) -> Response<ProxyBody> {
     resp
 }
 
-/// The comma-separated tokens of every `Connection` header, lowercased.
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+/// The comma-separated tokens of every `Connection` header, trimmed, as written.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .map(str::trim)
         .filter(|t| !t.is_empty())
-        .collect()
 }
 
 /// The `Upgrade` header of a request that asks to switch protocols.
 fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = connection_tokens(headers).iter().any(|t| t == "upgrade");
+    let asks = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
     headers.get(header::UPGRADE).filter(|_| asks).cloned()
 }
 
-/// Removes the headers that describe one hop rather than the message: both sides of the proxy
-/// are separate connections with their own framing and keep-alive.
+/// The headers that describe one hop rather than the message: both sides of the proxy are
+/// separate connections with their own framing and keep-alive.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The index of `name` in `HOP_BY_HOP`.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    HOP_BY_HOP.iter().position(|h| h == name)
+}
+
+/// Removes the hop-by-hop headers, and those that `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for token in connection_tokens(headers) {
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+    // One pass over the names, then a lookup only for those present (usually none in a
+    // request; `Connection`, `Keep-Alive` and `Transfer-Encoding` in a response).
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Collected first (they borrow from `headers`); usually `Connection` names nothing
+        // beyond the fixed ones (`keep-alive`), and an empty Vec does not allocate.
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
             headers.remove(name);
         }
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
 /// Sets `X-Forwarded-For` (appending the client), `-Proto` and `-Host` (from `Host`).
-fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
+fn set_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
     const FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-    let mut chain: Vec<u8> = Vec::new();
-    for value in headers.get_all(&FOR) {
-        chain.extend_from_slice(value.as_bytes());
-        chain.extend_from_slice(b", ");
-    }
-    chain.extend_from_slice(peer.ip().to_string().as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&chain) {
-        headers.insert(FOR, value);
+    if headers.contains_key(&FOR) {
+        let mut chain: Vec<u8> = Vec::new();
+        for value in headers.get_all(&FOR) {
+            chain.extend_from_slice(value.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(peer_ip.as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&chain) {
+            headers.insert(FOR, value);
+        }
+    } else {
+        headers.insert(FOR, peer_ip.clone());
     }
     headers.insert(PROTO, HeaderValue::from_static("http"));
     if let Some(host) = headers.get(header::HOST).cloned() {
@@ -613,6 +1125,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::combinators::UnsyncBoxBody;
+    use http_body_util::{BodyExt, Full};
     use std::collections::HashSet;
     use std::future::Future;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1373,6 +1887,132 @@ mod tests {
             proxy.stop().await;
             a.stop().await;
             b.stop().await;
+        })
+        .await;
+    }
+
+    /// A raw HTTP backend that answers every request with `id` (Content-Length, keep-alive,
+    /// no `Connection` header) and counts its open connections; with `close_after`, it closes
+    /// each connection that long after answering, without saying so.
+    async fn counting_backend(
+        id: &'static str,
+        close_after: Option<Duration>,
+    ) -> (Server, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (token, counter) = (stop.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    Ok((mut stream, _)) = listener.accept() => {
+                        let counter = counter.clone();
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        conns.spawn(async move {
+                            let mut buf = Vec::new();
+                            let mut chunk = [0u8; 1024];
+                            loop {
+                                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                    buf.drain(..end + 4);
+                                    let resp = format!(
+                                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{id}",
+                                        id.len()
+                                    );
+                                    if stream.write_all(resp.as_bytes()).await.is_err() {
+                                        break;
+                                    }
+                                    if let Some(after) = close_after {
+                                        sleep(after).await;
+                                        counter.fetch_sub(1, Ordering::SeqCst);
+                                        return;
+                                    }
+                                }
+                                match stream.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                }
+                            }
+                            counter.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                }
+            }
+        });
+        (Server { addr, stop, task }, open)
+    }
+
+    #[tokio::test]
+    async fn idle_upstream_connections_are_closed_first_and_replaced() {
+        within(async {
+            let (a, open) = counting_backend("A", None).await;
+            let switch = Switch::new(Target::Live(Upstream::new(a.addr)));
+            let proxy = start_proxy(&switch).await;
+            let mut send = connect(proxy.addr).await;
+
+            for _ in 0..3 {
+                send.ready().await.unwrap();
+                let resp = send.send_request(request("GET", "/", text(""))).await;
+                let body = resp
+                    .unwrap()
+                    .into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(body, "A");
+            }
+            // One upstream connection for this client connection, reused.
+            assert_eq!(open.load(Ordering::SeqCst), 1);
+
+            // Idle for longer than UPSTREAM_IDLE: the proxy closed it, the client connection
+            // stays open and its next request gets a new upstream connection.
+            sleep(UPSTREAM_IDLE + Duration::from_millis(500)).await;
+            assert_eq!(open.load(Ordering::SeqCst), 0, "idle upstream not closed");
+            send.ready().await.expect("client connection closed");
+            let resp = send.send_request(request("GET", "/", text(""))).await;
+            let body = resp
+                .unwrap()
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(body, "A");
+            assert_eq!(open.load(Ordering::SeqCst), 1);
+
+            proxy.stop().await;
+            a.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_upstream_connection_closed_by_the_backend_is_replaced() {
+        within(async {
+            let (a, open) = counting_backend("A", Some(Duration::from_millis(50))).await;
+            let upstream = Upstream::new(a.addr);
+            let switch = Switch::new(Target::Live(upstream.clone()));
+            let proxy = start_proxy(&switch).await;
+            let mut send = connect(proxy.addr).await;
+
+            for _ in 0..3 {
+                send.ready().await.unwrap();
+                let resp = send.send_request(request("GET", "/", text(""))).await;
+                let resp = resp.expect("client connection failed");
+                assert_eq!(resp.status(), StatusCode::OK);
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, "A");
+                // The backend closes the connection meanwhile.
+                sleep(Duration::from_millis(200)).await;
+                assert_eq!(open.load(Ordering::SeqCst), 0);
+            }
+            assert_eq!(upstream.in_flight(), 0);
+
+            proxy.stop().await;
+            a.stop().await;
         })
         .await;
     }
