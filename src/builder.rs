@@ -152,13 +152,13 @@ async fn run_step(
         .stderr(Stdio::from(writer2))
         .process_group(0);
     let guardian = Guardian::get();
+    if let Some(g) = guardian {
+        g.register_in_child(&mut cmd);
+    }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     // Our copies of the pipe's write end must be gone, or the reader never sees its end.
     drop(cmd);
     let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-    if let Some(g) = guardian {
-        g.watch(pgid);
-    }
 
     let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let read_thread = std::thread::spawn(move || {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, Write};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -65,9 +66,43 @@ impl Guardian {
         let _ = tx.write_all(line.as_bytes());
     }
 
-    /// Tells the guardian about a new process group.
-    pub fn watch(&self, pgid: i32) {
-        self.send(format!("+{pgid}\n"));
+    /// Makes each process `cmd` spawns (as the leader of its own group) tell the guardian
+    /// about its group itself, between fork and exec: registered before it runs anything, so
+    /// no moment exists at which pmesh-dev could die leaving it unknown.
+    pub fn register_in_child(&self, cmd: &mut tokio::process::Command) {
+        let fd = {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            tx.as_raw_fd()
+        };
+        let hook = move || {
+            // Only async-signal-safe calls here: getpid and one write of a few bytes (atomic on
+            // a pipe), formatted without allocating.
+            // SAFETY: getpid has no preconditions.
+            let pid = unsafe { libc::getpid() };
+            let mut buf = [0u8; 16];
+            let mut i = buf.len();
+            buf[i - 1] = b'\n';
+            i -= 1;
+            let mut n = pid;
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            i -= 1;
+            buf[i] = b'+';
+            // SAFETY: writes bytes from a live stack buffer to a descriptor the child inherited
+            // (it is closed on exec, which comes right after).
+            unsafe { libc::write(fd, buf[i..].as_ptr().cast(), buf.len() - i) };
+            Ok(())
+        };
+        // SAFETY: the hook only calls async-signal-safe functions (see above).
+        unsafe {
+            cmd.pre_exec(hook);
+        }
     }
 
     /// Tells the guardian a process group is gone.

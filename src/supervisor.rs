@@ -136,15 +136,14 @@ impl Instance {
             .stdout(Stdio::from(writer))
             .stderr(Stdio::from(writer2))
             .process_group(0);
-        let guardian = Guardian::get();
+        if let Some(g) = Guardian::get() {
+            g.register_in_child(&mut cmd);
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("service `{}`: cannot start `{run}`: {e}", svc.name))?;
         drop(cmd);
         let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-        if let Some(g) = guardian {
-            g.watch(pid);
-        }
         let records = Records::new(store);
         records.add(pid);
 
