@@ -3,6 +3,7 @@
 #
 #   benches/hash.sh                       # RUNS=5, tree in /tmp/pmesh-bench-tree
 #   RUNS=9 BENCH_DIR=/some/where benches/hash.sh
+#   PMESH_BIN=/path/to/pmesh-dev benches/hash.sh   # measure that binary instead of building
 #
 # It builds pmesh-dev in release, makes (once; reused afterwards) a generated JS-monorepo-like
 # git repository of ~110k files in ~45k directories with nested .gitignore files and ignored
@@ -11,7 +12,9 @@
 #                                                   (run with -q, which only silences the progress
 #                                                   line xxhsum writes to stderr for big files)
 #   warm `pmesh-dev hash`  (cache, no change)   vs  git status --porcelain
-#   peak RSS of both pmesh-dev runs, and the --stats breakdown of where the time goes.
+#   peak RSS of both pmesh-dev runs, and the --stats breakdown of where the time goes (load
+#   the cache, walk+stat+read, sort+id, save the cache, total; the rest of the wall time is
+#   outside the hash: process start, manifest, output, freeing the result, exit).
 # The OS page cache is warm for every tool (nothing is dropped between runs): "cold" means
 # "without pmesh-dev's digest cache", not "from disk".
 # It is a benchmark, not a test: it always exits 0 once it got to measuring.
@@ -39,9 +42,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --- pmesh-dev --------------------------------------------------------------------------------
-log "building pmesh-dev (release)"
-(cd "$REPO" && cargo build --release --quiet)
-PMESH="$REPO/target/release/pmesh-dev"
+if [ -n "${PMESH_BIN:-}" ]; then
+    PMESH=$(realpath "$PMESH_BIN") # another build, to compare
+else
+    log "building pmesh-dev (release)"
+    (cd "$REPO" && cargo build --release --quiet)
+    PMESH="$REPO/target/release/pmesh-dev"
+fi
 
 # Global and system git configuration must not matter (excludes, hooks, fsmonitor, ...).
 GIT_HOME=$(mktemp -d)
@@ -296,15 +303,24 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2fx", a/b; else p
 verdict() { awk -v a="$1" -v b="$2" -v lim="$3" 'BEGIN {print ((b > 0 && a/b <= lim) ? "met" : "MISSED")}'; }
 
 # Median of each --stats phase over the lines of file $1.
+PHASES="load walk+stat+read sort+id save total"
 phase_medians() {
-    awk '{for (i = 1; i < NF; i++) if ($(i+1) ~ /ms[,;]?$/ && $i ~ /^(load|walk\+stat\+read|sort\+id|save)$/) {v = $(i+1); sub(/ms.*/, "", v); print $i, v}}' "$1" |
+    awk -v phases="$PHASES" 'BEGIN {n = split(phases, want, " "); for (k = 1; k <= n; k++) ok[want[k]] = 1}
+        {for (i = 1; i < NF; i++) if ($(i+1) ~ /ms[,;]?$/ && ($i in ok)) {v = $(i+1); sub(/ms.*/, "", v); print $i, v}}' "$1" |
         sort -k1,1 -k2,2n |
-        awk '{v[$1] = v[$1] " " $2; n[$1]++} END {
-            split("load walk+stat+read sort+id save", order, " ");
-            for (k = 1; k <= 4; k++) {p = order[k]; split(substr(v[p], 2), a, " "); c = n[p];
+        awk -v phases="$PHASES" '{v[$1] = v[$1] " " $2; n[$1]++} END {
+            k = split(phases, order, " ");
+            for (j = 1; j <= k; j++) {p = order[j]; if (!n[p]) continue; split(substr(v[p], 2), a, " "); c = n[p];
                 m = (c % 2) ? a[(c+1)/2] : (a[c/2] + a[c/2+1]) / 2;
-                printf "%s%s %.1f ms", (k > 1 ? ", " : ""), p, m}
+                printf "%s%s %.1f ms", (j > 1 ? ", " : ""), p, m}
             print ""}'
+}
+
+# Median of the `total` phase (all of the hash, inside the process) over the lines of file
+# $1, in microseconds.
+total_median_us() {
+    awk '{for (i = 1; i < NF; i++) if ($i == "total") {v = $(i+1); sub(/ms.*/, "", v); printf "%d\n", v * 1000}}' "$1" |
+        sort -n | awk '{a[NR] = $1} END {if (NR) print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}'
 }
 
 # Runs "$@" (in the tree) and prints its wall time and the CPU time (user + system) of the
@@ -440,6 +456,12 @@ echo
 echo "  where the time goes (pmesh-dev hash --stats):"
 echo "    cold, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-cold")"
 echo "    warm, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-warm")"
+total_cold=$(total_median_us "$GIT_HOME/stats-cold")
+total_warm=$(total_median_us "$GIT_HOME/stats-warm")
+if [ -n "$total_cold" ] && [ -n "$total_warm" ]; then
+    echo "    outside the hash (median wall - median total: process start, manifest, output, freeing"
+    echo "      the result, exit): cold $(fmt_ms $((${m_cold%.*} - total_cold))), warm $(fmt_ms $((${m_warm%.*} - total_warm)))"
+fi
 echo "    cold, one run: $(grep -v '^RSS' <<<"$cold_stats")"
 echo "    warm, one run: $(grep -v '^RSS' <<<"$warm_stats")"
 echo "  all runs, wall us: cold ${cold[*]} | xxhsum ${xxh[*]} | warm ${warm[*]} | git status ${gst[*]}"

@@ -303,6 +303,8 @@ pub async fn run(
     if let Some(server) = engine.server.take() {
         server.stopped().await;
     }
+    // Removed here rather than by the socket's task, which the runtime may drop first.
+    let _ = std::fs::remove_file(control::socket_path(engine.store.root()));
     Ok(())
 }
 

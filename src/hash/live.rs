@@ -103,8 +103,7 @@ impl LiveTree {
                 change.unwatch.push(self.abs(d));
             }
         }
-        if out.cache != self.cache {
-            self.cache = out.cache;
+        if self.cache.absorb(out.cache) {
             self.cache_dirty = true;
         }
         self.entries = entries;
@@ -179,8 +178,7 @@ impl LiveTree {
                 rules = true;
             }
             // The cache must never vouch for a path an event named.
-            self.cache.files.remove(&rel_b);
-            self.cache.dirs.remove(&rel_b);
+            self.cache.forget(&rel_b);
             let parent: &[u8] = rel.parent().map_or(&b""[..], |r| r.as_os_str().as_bytes());
             let Some(level) = self.dirs.get(parent).cloned() else {
                 // Its directory does not take part (ignored, or gone itself).
@@ -219,8 +217,7 @@ impl LiveTree {
                     change.watch.push(self.abs(&d));
                     self.dirs.insert(d, l);
                 }
-                self.cache.files.extend(out.cache.files);
-                self.cache.dirs.extend(out.cache.dirs);
+                self.cache.absorb(out.cache);
                 change.warnings.extend(out.warnings);
                 self.cache_dirty = true;
                 continue;
@@ -240,7 +237,7 @@ impl LiveTree {
             } = walk::digest_fresh(&self.root, &rel_b, p, &meta)?;
             change.warnings.extend(warnings);
             if let Some(r) = record {
-                self.cache.files.insert(rel_b.clone(), r);
+                self.cache.insert_file(&rel_b, r);
             }
             self.cache_dirty = true;
             match entry {
@@ -323,10 +320,8 @@ impl LiveTree {
         if !self.cache_dirty {
             return;
         }
-        let entries = &self.entries;
         let dirs = &self.dirs;
-        self.cache.files.retain(|k, _| entries.contains_key(k));
-        self.cache.dirs.retain(|k, _| dirs.contains_key(k));
+        self.cache.retain(|k| dirs.contains_key(k));
         if self.cache.save(&self.root.join(CACHE_FILE)).is_ok() {
             self.cache_dirty = false;
         }

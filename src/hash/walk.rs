@@ -1,78 +1,88 @@
 //! The parallel tree walk: list directories (or reuse their cached listings), stat every
 //! entry, and read only the files whose cached digest cannot be trusted.
+//!
+//! Every directory is a task on the rayon pool. Names are resolved relative to a directory's
+//! descriptor, never from `/`: a directory that is listed is opened (relative to its parent)
+//! and its entries are opened and stat'ed relative to it; a directory whose cached listing
+//! holds is not even opened, its entries are stat'ed through the nearest opened ancestor.
+//! The entries come out in tree order (see [`super::gather`]), so sorted by path.
 
-use std::cell::RefCell;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::{fs, io};
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+use nix::errno::Errno;
 
-use super::cache::{DigestCache, DirRecord, EntryType, FileRecord, StatKey};
-use super::rules::{IGNORE_FILES, Level, always_excluded};
-use super::{Entry, HashError, Kind};
+pub use super::entry::kind_of_mode;
+use super::entry::{Digested, Found, found};
 
-/// Counters that show where a hash spent its effort.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub dirs_listed: AtomicU64,
-    pub dirs_from_cache: AtomicU64,
-    pub files_read: AtomicU64,
-    pub files_from_cache: AtomicU64,
-    pub bytes_read: AtomicU64,
-}
+use super::cache::{
+    CacheWriter, DigestCache, DirListing, DirRecord, EntryType, FileRecord, StatKey,
+};
+use super::files;
+pub use super::gather::Stats;
+use super::gather::{Counts, Node};
+use super::rules::{IGNORE_FILES, Level};
+use super::{Entry, HashError};
 
 /// What one walk found.
 pub struct WalkOutput {
-    /// Entries in no particular order.
+    /// Entries sorted by path.
     pub entries: Vec<Entry>,
-    /// Every directory that takes part (relative path) with the rules in force in it.
+    /// Every directory that takes part (relative path) with the rules in force in it; empty
+    /// if [`Walker::collect_dirs`] said so.
     pub dirs: Vec<(Box<[u8]>, Arc<Level>)>,
-    /// Everything worth caching for the next walk.
+    /// The directory records this walk made or changed, to be taken in with
+    /// [`DigestCache::absorb`]; empty when the cache walked with was right everywhere.
     pub cache: DigestCache,
+    /// Whether some directory was listed afresh: then records of directories that left the
+    /// tree may remain in the cache (see [`DigestCache::prune_unreachable`]).
+    pub relisted: bool,
+    /// Paths added, removed or with other content than the cache walked with says, sorted;
+    /// empty when that cache was empty.
+    pub changed: Vec<String>,
     pub warnings: Vec<String>,
-}
-
-#[derive(Default)]
-struct Collected {
-    entries: Vec<Entry>,
-    dirs: Vec<(Box<[u8]>, Arc<Level>)>,
-    cache: DigestCache,
-    warnings: Vec<String>,
-    error: Option<HashError>,
-}
-
-impl Collected {
-    fn absorb(&mut self, other: Collected) {
-        self.entries.extend(other.entries);
-        self.dirs.extend(other.dirs);
-        self.cache.files.extend(other.cache.files);
-        self.cache.dirs.extend(other.cache.dirs);
-        self.warnings.extend(other.warnings);
-        if self.error.is_none() {
-            self.error = other.error;
-        }
-    }
 }
 
 pub struct Walker<'a> {
     pub root: &'a Path,
     pub old: &'a DigestCache,
-    /// Absolute paths that never take part (the manifest itself).
-    pub exclude: &'a [PathBuf],
     pub stats: &'a Stats,
-    out: Mutex<Collected>,
+    /// Paths that never take part (the manifest itself), as (directory, name) relative to
+    /// the root.
+    excluded: Vec<(Vec<u8>, Vec<u8>)>,
+    collect_dirs: bool,
+    records: Records<'a>,
+    /// Whether to tell which paths changed against `old` (not when it is empty).
+    track_changes: bool,
+    /// What the tasks found besides entries, in no particular order.
+    collected: Mutex<Collected>,
 }
 
-/// Wall-clock nanoseconds since the epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+/// What a walk does with the directory records it makes or changes.
+pub enum Records<'a> {
+    /// Returns them in [`WalkOutput::cache`].
+    Output,
+    /// Writes them to a new cache file as it goes (which is right only when walking without
+    /// a cache: the file holds nothing else).
+    Write(&'a CacheWriter),
+    /// Makes none.
+    Discard,
+}
+
+#[derive(Default)]
+struct Collected {
+    dirs: Vec<(Box<[u8]>, Arc<Level>)>,
+    records: Vec<DirRecord>,
+    relisted: bool,
+    /// An entry took the place of a directory during the walk: it was put where the
+    /// directory's entries go, which may not be its place in path order.
+    out_of_order: bool,
+    changed: Vec<Box<[u8]>>,
+    warnings: Vec<String>,
+    errors: Vec<HashError>,
 }
 
 fn join_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
@@ -85,98 +95,152 @@ fn join_rel(rel: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-/// A directory's filtered entries: names and what they are.
-type Listing = Vec<(Box<[u8]>, EntryType)>;
-
-thread_local! {
-    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+/// Where names are resolved: an open directory, and how much of a relative path it stands
+/// for (the entry at relative path `p` is `p[skip..]` from `fd`).
+#[derive(Clone)]
+struct Loc {
+    /// Shared with the tasks of the subdirectories until they have done without it.
+    fd: Arc<OwnedFd>,
+    skip: usize,
 }
 
-/// Files up to this size are read whole; larger ones are streamed.
-const WHOLE_READ_LIMIT: u64 = 4 << 20;
-
-fn digest_open_file(f: &mut File, size: u64) -> io::Result<u128> {
-    if size <= WHOLE_READ_LIMIT {
-        BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            b.clear();
-            f.read_to_end(&mut b)?;
-            Ok(xxh3_128(&b))
-        })
-    } else {
-        let mut h = Xxh3::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => h.update(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+impl Loc {
+    /// The directory at `rel`, opened as `fd`.
+    fn own(fd: OwnedFd, rel: &[u8]) -> Loc {
+        let skip = if rel.is_empty() { 0 } else { rel.len() + 1 };
+        Loc {
+            fd: Arc::new(fd),
+            skip,
         }
-        Ok(h.digest128())
+    }
+
+    /// What the entry at relative path `p` is called from here.
+    fn name<'p>(&self, p: &'p [u8]) -> &'p [u8] {
+        &p[self.skip.min(p.len())..]
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
-/// What reading a file gave.
-enum Read_ {
-    /// The digest and the stat it belongs to; `stable` is false when the file kept changing
-    /// while it was read, so the digest must not be cached.
-    Digest {
-        digest: u128,
-        key: StatKey,
-        stable: bool,
-    },
-    /// It is no longer a regular file.
-    NotRegular,
+/// Longer paths from an opened ancestor are not used: the directory is opened instead.
+const LONGEST_NAME: usize = 2048;
+
+/// Where a task finds its directory.
+enum Opener {
+    /// The start of a walk, by absolute path.
+    Path(PathBuf),
+    /// Below the parent's location.
+    At(Loc),
 }
 
-fn read_digest(abs: &Path) -> io::Result<Read_> {
-    let mut last = None;
-    for _ in 0..3 {
-        // O_NONBLOCK: a FIFO swapped in after the stat must never block the walk.
-        let mut f = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-            .open(abs)?;
-        let before = f.metadata()?;
-        if !before.is_file() {
-            return Ok(Read_::NotRegular);
-        }
-        let before_key = StatKey::of(&before);
-        let digest = digest_open_file(&mut f, before.size())?;
-        let after = StatKey::of(&f.metadata()?);
-        if after == before_key {
-            return Ok(Read_::Digest {
-                digest,
-                key: before_key,
-                stable: true,
-            });
-        }
-        last = Some((digest, after));
+/// How a task reached its directory.
+enum Place {
+    /// Opened: the location is its own.
+    Opened(Loc),
+    /// Only stat'ed, through an ancestor's location.
+    Through(Loc),
+}
+
+struct DirTask {
+    from: Opener,
+    rel: Vec<u8>,
+    /// The rules in force in the parent.
+    parent: Arc<Level>,
+    node: Arc<Node>,
+}
+
+/// What one directory's task found.
+#[derive(Default)]
+struct DirOut {
+    /// The directory's own entries, in tree order.
+    entries: Vec<Entry>,
+    /// Its subdirectories, each with the number of entries that come before it.
+    dirs: Vec<(usize, Arc<Node>)>,
+    counts: Counts,
+    dir: Option<(Box<[u8]>, Arc<Level>)>,
+    record: Option<DirRecord>,
+    relisted: bool,
+    out_of_order: bool,
+    changed: Vec<Box<[u8]>>,
+    warnings: Vec<String>,
+    error: Option<HashError>,
+}
+
+impl DirOut {
+    fn fail(&mut self, path: PathBuf, error: io::Error) {
+        self.error.get_or_insert(HashError::Read { path, error });
     }
-    let (digest, key) = last.unwrap_or_default();
-    Ok(Read_::Digest {
-        digest,
-        key,
-        stable: false,
-    })
+
+    /// Whether it holds anything for [`Collected`].
+    fn has_news(&self) -> bool {
+        self.dir.is_some()
+            || self.record.is_some()
+            || self.relisted
+            || self.out_of_order
+            || !self.changed.is_empty()
+            || !self.warnings.is_empty()
+            || self.error.is_some()
+    }
+}
+
+/// The digests of a directory's ignore files (see [`IGNORE_FILES`]) that are regular files.
+type Ignores = [Option<Digested>; 2];
+
+/// A directory's listing: the cached one, or one just read.
+// One lives on a task's stack at a time; boxing the big variant would cost an allocation per
+// listed directory.
+#[allow(clippy::large_enum_variant)]
+enum Listing<'r> {
+    Cached(&'r DirRecord),
+    Fresh(DirListing),
 }
 
 impl<'a> Walker<'a> {
+    /// A walk below `root` that trusts `old` where the racy rule allows; `exclude` holds
+    /// absolute paths that never take part.
     pub fn new(
         root: &'a Path,
         old: &'a DigestCache,
-        exclude: &'a [PathBuf],
+        exclude: &[PathBuf],
         stats: &'a Stats,
     ) -> Self {
+        let excluded = exclude
+            .iter()
+            .filter_map(|x| {
+                let rel = x.strip_prefix(root).ok()?;
+                let name = rel.file_name()?.as_bytes().to_vec();
+                let dir: Vec<&[u8]> = rel
+                    .parent()?
+                    .components()
+                    .map(|c| c.as_os_str().as_bytes())
+                    .collect();
+                Some((dir.join(&b'/'), name))
+            })
+            .collect();
         Walker {
             root,
             old,
-            exclude,
             stats,
-            out: Mutex::new(Collected::default()),
+            excluded,
+            collect_dirs: true,
+            records: Records::Output,
+            track_changes: !old.is_empty(),
+            collected: Mutex::default(),
         }
+    }
+
+    /// Whether [`WalkOutput::dirs`] is filled (it is by default).
+    pub fn collect_dirs(mut self, yes: bool) -> Self {
+        self.collect_dirs = yes;
+        self
+    }
+
+    /// What to do with the directory records (returned by default).
+    pub fn records(mut self, to: Records<'a>) -> Self {
+        self.records = to;
+        self
     }
 
     /// Walks the whole tree below the root with the rules of `top`.
@@ -193,343 +257,275 @@ impl<'a> Walker<'a> {
         abs: PathBuf,
         parent: Arc<Level>,
     ) -> Result<WalkOutput, HashError> {
-        let meta = fs::symlink_metadata(&abs).map_err(|source| HashError::Read {
-            path: abs.clone(),
-            error: source,
-        })?;
-        let key = StatKey::of(&meta);
-        rayon::scope(|s| {
-            self.visit_dir(s, rel, abs, key, parent);
-        });
-        let out = self.out.into_inner().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = out.error {
+        let root = Node::new(None);
+        let task = DirTask {
+            from: Opener::Path(abs),
+            rel,
+            parent,
+            node: root.clone(),
+        };
+        rayon::scope(|s| s.spawn(|s| self.visit(s, task)));
+        let (mut entries, counts) = root.take();
+        counts.store(self.stats);
+        let c = self
+            .collected
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        // The first error in path order, whichever thread met it first.
+        if let Some(e) = c
+            .errors
+            .into_iter()
+            .min_by(|a, b| error_path(a).cmp(error_path(b)))
+        {
             return Err(e);
         }
+        // Tree order makes the paths sorted, but for an entry that replaced a directory.
+        if c.out_of_order {
+            entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        }
+        debug_assert!(entries.is_sorted_by(|a, b| a.path < b.path));
+        let mut changed: Vec<String> = c
+            .changed
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        changed.sort();
+        let mut warnings = c.warnings;
+        warnings.sort();
+        let mut cache = DigestCache::default();
+        cache.reserve(c.records.len());
+        for r in c.records {
+            cache.insert(r);
+        }
         Ok(WalkOutput {
-            entries: out.entries,
-            dirs: out.dirs,
-            cache: out.cache,
-            warnings: out.warnings,
+            entries,
+            dirs: c.dirs,
+            cache,
+            relisted: c.relisted,
+            changed,
+            warnings,
         })
     }
 
-    fn visit_dir<'s>(
+    fn abs(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.root.to_path_buf()
+        } else {
+            self.root.join(std::ffi::OsStr::from_bytes(rel))
+        }
+    }
+
+    fn visit<'s>(&'s self, scope: &rayon::Scope<'s>, task: DirTask) {
+        let DirTask {
+            from,
+            rel,
+            parent,
+            node,
+        } = task;
+        let mut out = DirOut::default();
+        let old = self.old.get(&rel);
+        if let Some((place, key)) = self.locate(from, &rel, old, &mut out) {
+            self.dir(scope, place, key, &rel, old, &parent, &node, &mut out);
+        }
+        if let (Records::Write(w), Some(rec)) = (&self.records, &out.record) {
+            w.add(rec);
+            out.record = None;
+        }
+        if out.has_news() {
+            let mut c = self.collected.lock().unwrap_or_else(|e| e.into_inner());
+            c.dirs.extend(out.dir);
+            c.records.extend(out.record);
+            c.relisted |= out.relisted;
+            c.out_of_order |= out.out_of_order;
+            c.changed.append(&mut out.changed);
+            c.warnings.append(&mut out.warnings);
+            c.errors.extend(out.error);
+        }
+        node.finish(out.entries, out.dirs, out.counts);
+    }
+
+    /// Finds the directory of a task: a directory the cache knows is only stat'ed, since
+    /// if its listing holds it need not be opened at all; any other is opened. `None` (with
+    /// what took its place, or the error, in `out`) when there is no directory.
+    fn locate(
+        &self,
+        from: Opener,
+        rel: &[u8],
+        old: Option<&DirRecord>,
+        out: &mut DirOut,
+    ) -> Option<(Place, StatKey)> {
+        let parent = match from {
+            Opener::Path(abs) => {
+                let at = nix::fcntl::AT_FDCWD;
+                let opened = files::open_dir(at, abs.as_os_str().as_bytes(), true)
+                    .and_then(|fd| Ok((files::stat(&fd)?, fd)));
+                return match opened {
+                    Ok((key, fd)) => Some((Place::Opened(Loc::own(fd, rel)), key)),
+                    Err(e) => {
+                        out.fail(abs, e);
+                        None
+                    }
+                };
+            }
+            Opener::At(parent) => parent,
+        };
+        let name = parent.name(rel);
+        let located = if old.is_some() && name.len() <= LONGEST_NAME {
+            files::stat_at(parent.fd(), name).map(|key| {
+                (key.entry_type() == EntryType::Dir).then(|| (Place::Through(parent.clone()), key))
+            })
+        } else {
+            match files::open_dir(parent.fd(), name, false) {
+                Ok(fd) => files::stat(&fd).map(|key| Some((Place::Opened(Loc::own(fd, rel)), key))),
+                Err(e) if matches!(files::errno(&e), Some(Errno::ENOTDIR | Errno::ELOOP)) => {
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match located {
+            Ok(Some(found)) => Some(found),
+            Ok(None) => {
+                // No longer a directory: what took its place is an entry of the parent.
+                let found = found(parent.fd(), name, None, None);
+                self.add(rel.to_vec(), found, None, out);
+                out.out_of_order = true;
+                None
+            }
+            Err(e) if files::is_gone(&e) => None,
+            Err(e) => {
+                out.fail(self.abs(rel), e);
+                None
+            }
+        }
+    }
+
+    /// Takes the listing of the directory `rel` (its stat was `key`) from the cache, or
+    /// lists it; digests its files and starts a task for each subdirectory.
+    #[allow(clippy::too_many_arguments)]
+    fn dir<'s>(
         &'s self,
         scope: &rayon::Scope<'s>,
-        rel: Vec<u8>,
-        abs: PathBuf,
+        place: Place,
         key: StatKey,
-        parent: Arc<Level>,
-    ) {
-        let mut local = Collected::default();
-        let taken_ns = now_ns();
-        let cached = self
-            .old
-            .dirs
-            .get(rel.as_slice())
-            .filter(|d| d.valid_for(&key));
-        let mut ignore_files = Vec::new();
-        let listing = match cached {
-            Some(rec) => {
-                let digests = self.ignore_digests(
-                    &rel,
-                    &abs,
-                    rec.ignore_files,
-                    &mut ignore_files,
-                    &mut local,
-                );
-                let level = Level::child(&parent, abs.clone(), digests);
-                if level.fingerprint == rec.rules {
-                    self.stats.dirs_from_cache.fetch_add(1, Ordering::Relaxed);
-                    local.cache.dirs.insert(rel.clone().into(), rec.clone());
-                    Ok((level, rec.entries.clone()))
-                } else {
-                    self.list(
-                        &rel,
-                        &abs,
-                        key,
-                        taken_ns,
-                        &parent,
-                        &mut ignore_files,
-                        &mut local,
-                    )
-                }
-            }
-            None => self.list(
-                &rel,
-                &abs,
-                key,
-                taken_ns,
-                &parent,
-                &mut ignore_files,
-                &mut local,
-            ),
-        };
-        let (level, entries) = match listing {
-            Ok(l) => l,
-            Err(source) => {
-                local.error = Some(HashError::Read {
-                    path: abs,
-                    error: source,
-                });
-                self.merge(local);
-                return;
-            }
-        };
-        local.dirs.push((rel.as_slice().into(), level.clone()));
-        for (name, ty) in entries {
-            let child_rel = join_rel(&rel, &name);
-            let child_abs = abs.join(std::ffi::OsStr::from_bytes(&name));
-            if ty == EntryType::Other {
-                local.warnings.push(format!(
-                    "skipped {}: not a regular file, directory or symlink",
-                    child_abs.display()
-                ));
-                continue;
-            }
-            if let Some((_, rec)) = ignore_files.iter().find(|(n, _)| **n == *name) {
-                // An ignore file, already digested for the rules.
-                local.entries.push(Entry {
-                    kind: kind_of_mode(rec.key.mode),
-                    size: rec.key.size,
-                    digest: rec.digest,
-                    target: None,
-                    path: child_rel.into(),
-                });
-                continue;
-            }
-            let meta = match fs::symlink_metadata(&child_abs) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    local.error.get_or_insert(HashError::Read {
-                        path: child_abs,
-                        error: source,
-                    });
-                    continue;
-                }
-            };
-            if meta.is_dir() {
-                let level = level.clone();
-                let k = StatKey::of(&meta);
-                scope.spawn(move |s| self.visit_dir(s, child_rel, child_abs, k, level));
-            } else {
-                self.file(child_rel, &child_abs, &meta, &mut local);
-            }
-        }
-        self.merge(local);
-    }
-
-    fn merge(&self, local: Collected) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        out.absorb(local);
-    }
-
-    /// Digests of the directory's ignore files (through the cache like any file), which are
-    /// also kept in `done` so that the entries loop does not read them again.
-    fn ignore_digests(
-        &self,
         rel: &[u8],
-        abs: &Path,
-        present: [bool; 2],
-        done: &mut Vec<(Box<[u8]>, FileRecord)>,
-        local: &mut Collected,
-    ) -> [Option<u128>; 2] {
-        let mut digests = [None; 2];
-        for (i, name) in IGNORE_FILES.iter().enumerate() {
-            if !present[i] {
-                continue;
-            }
-            let child_abs = abs.join(name);
-            let meta = match fs::symlink_metadata(&child_abs) {
-                Ok(m) if m.is_file() => m,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    local.error.get_or_insert(HashError::Read {
-                        path: child_abs,
-                        error: source,
-                    });
-                    continue;
-                }
-            };
-            let child_rel = join_rel(rel, name.as_bytes());
-            if let Some((rec, stable)) = self.regular(&child_rel, &child_abs, &meta, local) {
-                digests[i] = Some(rec.digest);
-                done.push((name.as_bytes().into(), rec));
-                if stable {
-                    local.cache.files.insert(child_rel.into(), rec);
-                }
-            }
-        }
-        digests
-    }
-
-    /// Lists `abs` afresh, filtering it with the rules in force there.
-    #[allow(clippy::too_many_arguments)]
-    fn list(
-        &self,
-        rel: &[u8],
-        abs: &Path,
-        key: StatKey,
-        taken_ns: i64,
+        old: Option<&DirRecord>,
         parent: &Arc<Level>,
-        ignore_files: &mut Vec<(Box<[u8]>, FileRecord)>,
-        local: &mut Collected,
-    ) -> io::Result<(Arc<Level>, Listing)> {
-        self.stats.dirs_listed.fetch_add(1, Ordering::Relaxed);
-        let mut raw = Vec::new();
-        let mut present = [false; 2];
-        for e in fs::read_dir(abs)? {
-            let e = e?;
-            let name = e.file_name();
-            let name = name.as_bytes();
-            if always_excluded(name) {
-                continue;
-            }
-            let ft = match e.file_type() {
-                Ok(ft) => ft,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(err),
-            };
-            let ty = if ft.is_dir() {
-                EntryType::Dir
-            } else if ft.is_file() {
-                EntryType::File
-            } else if ft.is_symlink() {
-                EntryType::Symlink
-            } else {
-                EntryType::Other
-            };
-            if ty == EntryType::File
-                && let Some(i) = IGNORE_FILES.iter().position(|f| f.as_bytes() == name)
-            {
-                present[i] = true;
-            }
-            raw.push((Box::<[u8]>::from(name), ty));
-        }
-        ignore_files.clear();
-        let digests = self.ignore_digests(rel, abs, present, ignore_files, local);
-        let level = Level::child(parent, abs.to_path_buf(), digests);
-        let mut entries = Vec::with_capacity(raw.len());
-        for (name, ty) in raw {
-            let child = abs.join(std::ffi::OsStr::from_bytes(&name));
-            if self.exclude.contains(&child) || level.is_ignored(&child, ty == EntryType::Dir) {
-                continue;
-            }
-            entries.push((name, ty));
-        }
-        entries.sort_unstable();
-        local.cache.dirs.insert(
-            rel.into(),
-            DirRecord {
-                key,
-                taken_ns,
-                rules: level.fingerprint,
-                ignore_files: present,
-                entries: entries.clone(),
-            },
-        );
-        Ok((level, entries))
-    }
-
-    /// The digest record of the regular file `abs` (whose stat is `meta`), from the cache
-    /// when it can be trusted, else read; `false` when it changed while being read.
-    fn regular(
-        &self,
-        rel: &[u8],
-        abs: &Path,
-        meta: &fs::Metadata,
-        local: &mut Collected,
-    ) -> Option<(FileRecord, bool)> {
-        let key = StatKey::of(meta);
-        if let Some(rec) = self.old.files.get(rel)
-            && rec.digest_for(&key).is_some()
-        {
-            self.stats.files_from_cache.fetch_add(1, Ordering::Relaxed);
-            return Some((*rec, true));
-        }
-        let taken_ns = now_ns();
-        match read_digest(abs) {
-            Ok(Read_::Digest {
-                digest,
-                key,
-                stable,
-            }) => {
-                self.stats.files_read.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes_read.fetch_add(key.size, Ordering::Relaxed);
-                Some((
-                    FileRecord {
-                        key,
-                        taken_ns,
-                        digest,
-                    },
-                    stable,
-                ))
-            }
-            Ok(Read_::NotRegular) => {
-                local.warnings.push(format!(
-                    "skipped {}: not a regular file, directory or symlink",
-                    abs.display()
-                ));
-                None
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => {
-                local.error.get_or_insert(HashError::Read {
-                    path: abs.to_path_buf(),
-                    error: source,
-                });
-                None
-            }
-        }
-    }
-
-    /// Digests one file or symlink whose stat is `meta`, recording its entry and cache record.
-    fn file(&self, rel: Vec<u8>, abs: &Path, meta: &fs::Metadata, local: &mut Collected) {
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            let target = match fs::read_link(abs) {
-                Ok(t) => t,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(source) => {
-                    local.error.get_or_insert(HashError::Read {
-                        path: abs.to_path_buf(),
-                        error: source,
-                    });
-                    return;
-                }
-            };
-            let target: Box<[u8]> = target.as_os_str().as_bytes().into();
-            local.entries.push(Entry {
-                digest: xxh3_128(&target),
-                size: target.len() as u64,
-                kind: Kind::Symlink,
-                target: Some(target),
-                path: rel.into(),
-            });
-            return;
-        }
-        if !ft.is_file() {
-            local.warnings.push(format!(
-                "skipped {}: not a regular file, directory or symlink",
-                abs.display()
-            ));
-            return;
-        }
-        let Some((rec, stable)) = self.regular(&rel, abs, meta, local) else {
+        node: &Arc<Node>,
+        out: &mut DirOut,
+    ) {
+        let Some((listing, loc, level, ignores)) = self.listing(place, key, rel, parent, old, out)
+        else {
             return;
         };
-        local.entries.push(Entry {
-            kind: kind_of_mode(rec.key.mode),
-            size: rec.key.size,
-            digest: rec.digest,
-            target: None,
-            path: rel.as_slice().into(),
-        });
-        if stable {
-            local.cache.files.insert(rel.into(), rec);
+        if self.collect_dirs {
+            out.dir = Some((rel.into(), level.clone()));
         }
+        // When listed afresh, what each name was before is looked up in the old listing.
+        let before_listing = match (&listing, old) {
+            (Listing::Fresh(_), Some(o)) => DirListing::of(o),
+            _ => None,
+        };
+        // Digest records that differ from the listing's (all of them, in a new listing).
+        let mut updates: Vec<(usize, Option<FileRecord>)> = match &listing {
+            Listing::Cached(_) => Vec::new(),
+            Listing::Fresh(l) => Vec::with_capacity(l.len()),
+        };
+        let (cached, fresh) = match &listing {
+            Listing::Cached(r) => (Some(r.slots()), None),
+            Listing::Fresh(l) => (None, Some(l.iter())),
+        };
+        let slots = cached
+            .into_iter()
+            .flatten()
+            .chain(fresh.into_iter().flatten());
+        out.entries.reserve(match &listing {
+            Listing::Cached(r) => r.len(),
+            Listing::Fresh(l) => l.len(),
+        });
+        for (i, slot) in slots.enumerate() {
+            let path = join_rel(rel, slot.name);
+            let before = match &before_listing {
+                Some(b) => b.find(slot.name).map(|j| b.get(j)),
+                None if matches!(listing, Listing::Cached(_)) => Some(slot),
+                None => None,
+            };
+            // An ignore file that is a regular file was digested already, for the rules.
+            let ignore = IGNORE_FILES
+                .iter()
+                .position(|f| f.as_bytes() == slot.name)
+                .filter(|&j| slot.ty == EntryType::File && ignores[j].is_some());
+            let (found, before_file) = match ignore.and_then(|j| Some((j, ignores[j]?))) {
+                Some((j, d)) => (
+                    Ok(Found::Regular(d)),
+                    old.and_then(|o| o.ignore_records()[j]),
+                ),
+                None => {
+                    let before_file = before.and_then(|s| s.file);
+                    let found = match slot.ty {
+                        EntryType::Other => Ok(Found::Other),
+                        EntryType::Dir => Ok(Found::Dir),
+                        ty => found(loc.fd(), loc.name(&path), Some(ty), before_file.as_ref()),
+                    };
+                    (found, before_file)
+                }
+            };
+            if before.is_some_and(|b| (b.ty == EntryType::Dir) != matches!(found, Ok(Found::Dir))) {
+                self.was(rel, before, out);
+            }
+            if let Ok(Found::Dir) = found {
+                // Listed as something else: it was sorted as a file name, not as a directory.
+                out.out_of_order |= slot.ty != EntryType::Dir;
+                let child = node.child();
+                out.dirs.push((out.entries.len(), child.clone()));
+                let task = DirTask {
+                    from: Opener::At(loc.clone()),
+                    rel: path,
+                    parent: level.clone(),
+                    node: child,
+                };
+                scope.spawn(move |s| self.visit(s, task));
+                continue;
+            }
+            let record = self.add(path, found, before_file, out);
+            if ignore.is_none() && record != slot.file {
+                updates.push((i, record));
+            }
+        }
+        if let (Listing::Fresh(new), Some(old)) = (&listing, old) {
+            self.gone(rel, old, new, &ignores, out);
+        }
+
+        // A record for the cache when anything in it changed.
+        let ignore_records = ignores.map(|d| d.and_then(|d| d.record));
+        let changed = match &listing {
+            Listing::Fresh(_) => {
+                out.relisted = true;
+                true
+            }
+            Listing::Cached(rec) => !updates.is_empty() || ignore_records != rec.ignore_records(),
+        };
+        if !changed || matches!(self.records, Records::Discard) {
+            return;
+        }
+        let mut l = match listing {
+            Listing::Fresh(l) => l,
+            Listing::Cached(rec) => match DirListing::of(rec) {
+                Some(l) => l,
+                None => return,
+            },
+        };
+        for (i, r) in updates {
+            l.set_file(i, r);
+        }
+        l.ignore_records = ignore_records;
+        out.record = Some(l.record(rel));
+    }
+}
+
+fn error_path(e: &HashError) -> &Path {
+    match e {
+        HashError::Read { path, .. } => path,
     }
 }
 
@@ -552,23 +548,28 @@ pub fn digest_fresh(
     let empty = DigestCache::default();
     let stats = Stats::default();
     let w = Walker::new(root, &empty, &[], &stats);
-    let mut local = Collected::default();
-    w.file(rel.to_vec(), abs, meta, &mut local);
-    if let Some(e) = local.error {
+    let mut out = DirOut::default();
+    let found = match StatKey::of(meta).entry_type() {
+        EntryType::Dir => Ok(Found::Other),
+        ty => found(
+            nix::fcntl::AT_FDCWD,
+            abs.as_os_str().as_bytes(),
+            Some(ty),
+            None,
+        ),
+    };
+    let record = w.add(rel.to_vec(), found, None, &mut out);
+    if let Some(e) = out.error {
         return Err(e);
     }
     Ok(Fresh {
-        record: local.cache.files.remove(rel),
-        entry: local.entries.pop(),
-        warnings: local.warnings,
+        record,
+        entry: out.entries.pop(),
+        warnings: out.warnings,
     })
 }
 
-/// Regular or executable, the way git tells them apart: by the owner's execute bit.
-pub fn kind_of_mode(mode: u32) -> Kind {
-    if mode & 0o100 != 0 {
-        Kind::Executable
-    } else {
-        Kind::Regular
-    }
-}
+mod list;
+mod outcome;
+#[cfg(test)]
+mod tests;
