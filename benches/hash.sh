@@ -27,28 +27,17 @@ CORES=$(nproc)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MARKER_NAME=pmesh-bench-tree-v1 # lives in .git/, so neither git nor pmesh-dev sees it
 
-log() { printf '%s\n' "$*" >&2; }
+. "$REPO/benches/common.sh"
 
 # --- tools -----------------------------------------------------------------------------------
 need=()
 command -v xxhsum >/dev/null || need+=(xxhash)
 [ -x /usr/bin/time ] || need+=(time)
 command -v python3 >/dev/null || need+=(python3)
-if [ ${#need[@]} -gt 0 ]; then
-    log "installing ${need[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_missing "${need[@]}"
 
 # --- pmesh-dev --------------------------------------------------------------------------------
-if [ -n "${PMESH_BIN:-}" ]; then
-    PMESH=$(realpath "$PMESH_BIN") # another build, to compare
-else
-    log "building pmesh-dev (release)"
-    (cd "$REPO" && cargo build --release --quiet)
-    PMESH="$REPO/target/release/pmesh-dev"
-fi
+pick_pmesh
 
 # Global and system git configuration must not matter (excludes, hooks, fsmonitor, ...).
 GIT_HOME=$(mktemp -d)

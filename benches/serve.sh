@@ -39,24 +39,17 @@ DEBOUNCE_MS=${DEBOUNCE_MS:-50}
 CORES=$(nproc)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-log() { printf '%s\n' "$*" >&2; }
+. "$REPO/benches/common.sh"
 
 # --- tools -----------------------------------------------------------------------------------
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v node >/dev/null || need+=(nodejs)
 command -v python3 >/dev/null || need+=(python3)
-if [ ${#need[@]} -gt 0 ]; then
-    log "installing ${need[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_missing "${need[@]}"
 
 # --- pmesh-dev --------------------------------------------------------------------------------
-log "building pmesh-dev (release)"
-(cd "$REPO" && cargo build --release --quiet)
-PMESH="$REPO/target/release/pmesh-dev"
+pick_pmesh
 
 # --- the service ------------------------------------------------------------------------------
 WORK=$(mktemp -d)

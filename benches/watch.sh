@@ -34,24 +34,17 @@ CORES=$(nproc)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MARKER_NAME=pmesh-bench-tree-v1 # the same marker as benches/hash.sh: the same tree
 
-log() { printf '%s\n' "$*" >&2; }
+. "$REPO/benches/common.sh"
 ms_since() { local t0=${1/./} t1=${EPOCHREALTIME/./}; echo $(((10#$t1 - 10#$t0) / 1000)); }
 
 # --- tools -----------------------------------------------------------------------------------
 need=()
 command -v python3 >/dev/null || need+=(python3)
 command -v git >/dev/null || need+=(git)
-if [ ${#need[@]} -gt 0 ]; then
-    log "installing ${need[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_missing "${need[@]}"
 
 # --- pmesh-dev --------------------------------------------------------------------------------
-log "building pmesh-dev (release)"
-(cd "$REPO" && cargo build --release --quiet)
-PMESH="$REPO/target/release/pmesh-dev"
+pick_pmesh
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
