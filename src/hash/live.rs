@@ -36,8 +36,8 @@ pub struct LiveTree {
     ignore: Vec<String>,
     exclude: Vec<PathBuf>,
     recipe: Option<(Vec<String>, BTreeMap<String, String>)>,
-    /// Entries by relative path; a BTreeMap so that iteration is the id's sorted order.
-    entries: BTreeMap<Box<[u8]>, Entry>,
+    /// Entries sorted by relative path: the id's order.
+    entries: SortedEntries,
     /// Every directory that takes part, with the rules in force in it.
     dirs: FxHashMap<Box<[u8]>, Arc<Level>>,
     /// Digests and listings, persisted for the next start.
@@ -56,7 +56,7 @@ impl LiveTree {
             ignore: spec.ignore.to_vec(),
             exclude: spec.exclude.clone(),
             recipe: spec.recipe.map(|r| (r.steps.to_vec(), r.env.clone())),
-            entries: BTreeMap::new(),
+            entries: SortedEntries::default(),
             dirs: FxHashMap::default(),
             cache,
             cache_dirty: false,
@@ -77,17 +77,15 @@ impl LiveTree {
     /// Takes a full walk's result as the tree; returns the change from the previous tree.
     fn replace(&mut self, out: WalkOutput) -> Change {
         let mut change = Change::default();
-        let mut entries = BTreeMap::new();
-        for e in out.entries {
-            entries.insert(e.path.clone(), e);
-        }
-        for (path, e) in &entries {
+        let entries = SortedEntries::from_unsorted(out.entries);
+        for e in entries.values() {
+            let path = &e.path;
             if self.entries.get(path) != Some(e) {
                 change.changed.push(lossy(path));
             }
         }
         for path in self.entries.keys() {
-            if !entries.contains_key(path) {
+            if entries.get(path).is_none() {
                 change.changed.push(lossy(path));
             }
         }
@@ -211,7 +209,7 @@ impl LiveTree {
                 )?;
                 for e in out.entries {
                     changed.insert(e.path.clone());
-                    self.entries.insert(e.path.clone(), e);
+                    self.entries.insert(e);
                 }
                 for (d, l) in out.dirs {
                     change.watch.push(self.abs(&d));
@@ -244,7 +242,7 @@ impl LiveTree {
                 Some(e) => {
                     if self.entries.get(&rel_b) != Some(&e) {
                         changed.insert(rel_b.clone());
-                        self.entries.insert(rel_b, e);
+                        self.entries.insert(e);
                     }
                 }
                 None => self.remove(&rel_b, &mut changed, &mut change.unwatch),
@@ -290,17 +288,7 @@ impl LiveTree {
         unwatch.push(self.abs(rel));
         let mut prefix = rel.to_vec();
         prefix.push(b'/');
-        let below: Vec<Box<[u8]>> = self
-            .entries
-            .range::<[u8], _>((
-                std::ops::Bound::Included(prefix.as_slice()),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in below {
-            self.entries.remove(&k);
+        for k in self.entries.remove_below(&prefix) {
             changed.insert(k);
         }
         let dirs: Vec<Box<[u8]>> = self
@@ -330,4 +318,56 @@ impl LiveTree {
 
 fn lossy(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
+}
+
+/// Entries kept sorted by path in one vector: the id is recomputed after every change, and a
+/// contiguous pass over 100k entries is several times faster than walking a tree map's nodes.
+/// Changes cost a binary search and a move of the tail (about a millisecond for 100k).
+#[derive(Default)]
+struct SortedEntries(Vec<Entry>);
+
+impl SortedEntries {
+    fn from_unsorted(mut v: Vec<Entry>) -> SortedEntries {
+        v.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        SortedEntries(v)
+    }
+
+    fn find(&self, path: &[u8]) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| (*e.path).cmp(path))
+    }
+
+    fn get(&self, path: &[u8]) -> Option<&Entry> {
+        self.find(path).ok().map(|i| &self.0[i])
+    }
+
+    /// Adds `e`, replacing the entry of the same path.
+    fn insert(&mut self, e: Entry) {
+        match self.find(&e.path) {
+            Ok(i) => self.0[i] = e,
+            Err(i) => self.0.insert(i, e),
+        }
+    }
+
+    fn remove(&mut self, path: &[u8]) -> Option<Entry> {
+        self.find(path).ok().map(|i| self.0.remove(i))
+    }
+
+    /// Removes every entry whose path starts with `prefix`; returns their paths.
+    fn remove_below(&mut self, prefix: &[u8]) -> Vec<Box<[u8]>> {
+        let start = self.0.partition_point(|e| *e.path < *prefix);
+        let end = start + self.0[start..].partition_point(|e| e.path.starts_with(prefix));
+        self.0.drain(start..end).map(|e| e.path).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> std::slice::Iter<'_, Entry> {
+        self.0.iter()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Box<[u8]>> {
+        self.0.iter().map(|e| &e.path)
+    }
 }
