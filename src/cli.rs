@@ -13,7 +13,7 @@ use crate::control;
 use crate::hash::{self, CacheUse, HashSpec};
 use crate::log::{Format, Reporter};
 use crate::manifest::{self, Manifest};
-use crate::pipeline::{self, Outcome, RollbackError};
+use crate::pipeline::{self, Outcome};
 use crate::store::Store;
 
 /// Exit codes.
@@ -595,9 +595,9 @@ fn rollback(manifest: Option<&Path>, args: &[String]) -> Result<u8> {
     }
     match pipeline::rollback(svc, target, &reporter) {
         Ok(_) => Ok(EXIT_OK),
-        Err(e @ (RollbackError::NoSuchBuild { .. } | RollbackError::Incomplete { .. })) => {
-            Err(usage(e))
-        }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(Failure {
+            code: e.code(),
+            error: e.into(),
+        }),
     }
 }

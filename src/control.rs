@@ -80,11 +80,7 @@ pub async fn serve(
             let _ = answer(stream, &service, &commands, &reporter, &shutdown).await;
         });
     }
-    if let Ok(addr) = listener.local_addr()
-        && let Some(p) = addr.as_pathname()
-    {
-        let _ = std::fs::remove_file(p);
-    }
+    // The engine removes the socket file once it has stopped.
 }
 
 async fn answer(

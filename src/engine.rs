@@ -691,32 +691,9 @@ impl Engine {
     /// Re-points `.run` (the engine holds the root's lock) and serves the build it points to
     /// now; the tree that was live is not rebuilt until it changes.
     fn rollback(&mut self, build: Option<&str>) -> Result<String, Done> {
-        let name = self.svc.name.clone();
         let live = self.store.live();
-        let archive = match build {
-            Some(b) => self.store.archive(b).ok_or_else(|| {
-                Done::new(
-                    2,
-                    format!("service `{name}`: no build named `{b}` (`pmesh-dev builds {name}` lists them)"),
-                )
-            })?,
-            None => self
-                .store
-                .archives()
-                .map_err(|e| Done::new(1, e.to_string()))?
-                .into_iter()
-                .filter(|a| a.status() == crate::store::Status::Ok && a.id.is_some())
-                .find(|a| live.as_ref().is_none_or(|l| a.name < *l))
-                .ok_or_else(|| {
-                    Done::new(1, format!("service `{name}`: there is no older good build to roll back to"))
-                })?,
-        };
-        let Some(id) = archive.id else {
-            return Err(Done::new(
-                2,
-                format!("service `{name}`: {} is not a complete build", archive.name),
-            ));
-        };
+        let (archive, id) = pipeline::rollback_target(&self.svc, &self.store, build)
+            .map_err(|e| Done::new(e.code(), e.to_string()))?;
         if let Some(b) = &self.building {
             // A build finishing now would flip `.run` away from the rollback.
             b.cancel.cancel();

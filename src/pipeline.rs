@@ -14,7 +14,7 @@ use crate::event::{Event, EventKind};
 use crate::hash::{self, BuildId, CacheUse, HashSpec};
 use crate::log::Reporter;
 use crate::manifest::Service;
-use crate::store::{Status, Store};
+use crate::store::{Archive, Status, Store};
 
 /// Unreferenced logs (of failed or cancelled builds) kept per service.
 const KEEP_ORPHAN_LOGS: usize = 20;
@@ -218,6 +218,49 @@ pub enum RollbackError {
     Store(#[from] crate::store::StoreError),
 }
 
+impl RollbackError {
+    /// The exit code it ends a command with: 2 for a build name that is no usable archive.
+    pub fn code(&self) -> u8 {
+        match self {
+            RollbackError::NoSuchBuild { .. } | RollbackError::Incomplete { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The archive a rollback of `svc` goes to: `target`, which must be a complete archive of its
+/// root, or by default the newest good archive older than the live one.
+pub fn rollback_target(
+    svc: &Service,
+    store: &Store,
+    target: Option<&str>,
+) -> Result<(Archive, BuildId), RollbackError> {
+    let archive = match (target, store.live()) {
+        (Some(name), _) => Some(
+            store
+                .archive(name)
+                .ok_or_else(|| RollbackError::NoSuchBuild {
+                    service: svc.name.clone(),
+                    name: name.to_owned(),
+                    root: svc.root.display().to_string(),
+                })?,
+        ),
+        (None, Some(live)) => store.previous_good(&live)?,
+        (None, None) => store
+            .archives()?
+            .into_iter()
+            .find(|a| a.status() == Status::Ok && a.id.is_some()),
+    }
+    .ok_or_else(|| RollbackError::NothingOlder(svc.name.clone()))?;
+    match archive.id {
+        Some(id) => Ok((archive, id)),
+        None => Err(RollbackError::Incomplete {
+            service: svc.name.clone(),
+            name: archive.name,
+        }),
+    }
+}
+
 /// Re-points `.run` at archive `target`, or by default at the newest good archive older than
 /// the live one. Returns the archive now live.
 pub fn rollback(
@@ -229,27 +272,7 @@ pub fn rollback(
     let _lock = store.lock("pmesh-dev rollback")?;
     store.recover()?;
     let live = store.live();
-    let archive = match target {
-        Some(name) => store
-            .archive(name)
-            .ok_or_else(|| RollbackError::NoSuchBuild {
-                service: svc.name.clone(),
-                name: name.to_owned(),
-                root: svc.root.display().to_string(),
-            })?,
-        None => store
-            .archives()?
-            .into_iter()
-            .filter(|a| a.status() == Status::Ok && a.id.is_some())
-            .find(|a| live.as_ref().is_none_or(|l| a.name < *l))
-            .ok_or_else(|| RollbackError::NothingOlder(svc.name.clone()))?,
-    };
-    if archive.id.is_none() {
-        return Err(RollbackError::Incomplete {
-            service: svc.name.clone(),
-            name: archive.name,
-        });
-    }
+    let (archive, _) = rollback_target(svc, &store, target)?;
     store.point_run(&archive.name)?;
     reporter.emit(&Event::now(
         &svc.name,
