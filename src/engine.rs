@@ -222,16 +222,13 @@ pub async fn run(
         engine.emit(EventKind::Warning { message });
     }
     if engine.poll.is_none() {
-        let mut dirs = engine.tree().dir_paths();
+        let tree = engine.tree();
         // The manifest's own directory too, so that an edit of it can be reported.
-        if let Some(dir) = engine.manifest_path.parent()
-            && !dirs.iter().any(|d| d == dir)
-        {
-            dirs.push(dir.to_path_buf());
-        }
+        let manifest_dir = (engine.manifest_path.parent()).filter(|d| !tree.has_dir(d));
         let added = tokio::task::block_in_place(|| {
-            let mut w = DirWatcher::new(tx.clone())?;
-            w.add(dirs)?;
+            let mut w = DirWatcher::new(tx.clone(), tree.root().to_path_buf())?;
+            w.add(tree.dir_paths())?;
+            w.add(manifest_dir.into_iter())?;
             Ok::<_, WatchError>(w)
         });
         match added {
@@ -239,8 +236,9 @@ pub async fn run(
             Err(e) => engine.fall_back_to_polling(&e),
         }
     }
+    trim_heap();
     drop(tx);
-    let (files, dirs) = (engine.tree().files(), engine.tree().dir_paths().len());
+    let (files, dirs) = (engine.tree().files(), engine.tree().dirs());
     engine.emit(EventKind::Watching {
         files,
         dirs,
@@ -391,10 +389,6 @@ impl Engine {
             WatchMsg::Rescan(reason) => {
                 self.rescan = Some(reason.to_owned());
             }
-            WatchMsg::Limit => {
-                self.fall_back_to_polling(&WatchError::Limit);
-                self.rescan = Some("watching fell back to polling".to_owned());
-            }
             WatchMsg::Error(message) => self.emit(EventKind::Warning { message }),
         }
         self.deadline = Some(tokio::time::Instant::now() + self.svc.debounce);
@@ -476,10 +470,10 @@ impl Engine {
             return;
         };
         if !change.unwatch.is_empty() {
-            w.remove(change.unwatch.clone());
+            w.remove(&change.unwatch);
         }
         if !change.watch.is_empty()
-            && let Err(e) = w.add(change.watch.clone())
+            && let Err(e) = w.add(change.watch.iter())
         {
             self.fall_back_to_polling(&e);
         }

@@ -23,6 +23,7 @@ use rustc_hash::FxHashSet;
 use xxhash_rust::xxh3::Xxh3;
 
 pub use super::listing::{DirListing, tree_order};
+use super::mapped::Stored;
 pub use super::record::{DirRecord, Slot, Slots};
 use super::record::{Reader, record_at};
 
@@ -156,6 +157,8 @@ impl std::borrow::Borrow<[u8]> for ByPath {
 pub struct DigestCache {
     /// Keyed by the path each record holds, so that no path is stored twice.
     dirs: FxHashSet<ByPath>,
+    /// The file the records were loaded from, mapped.
+    file: Option<Arc<Stored>>,
 }
 
 impl PartialEq for DigestCache {
@@ -307,12 +310,19 @@ impl DigestCache {
     }
 
     /// Reads the cache at `path`; a missing, corrupt, truncated or foreign file gives an empty
-    /// cache, never an error.
+    /// cache, never an error. The file is mapped, not copied: records not changed since are
+    /// read from the mapping.
     pub fn load(path: &Path) -> DigestCache {
-        std::fs::read(path)
-            .ok()
-            .and_then(decode)
-            .unwrap_or_default()
+        Stored::open(path).ok().and_then(decode).unwrap_or_default()
+    }
+
+    /// Hands back the pages of the loaded file that were read so far (all of them, after a
+    /// walk): they are read again from the page cache when needed. Between walks, a watch
+    /// touches only the records of the directories that events name.
+    pub fn release_pages(&self) {
+        if let Some(f) = &self.file {
+            f.release();
+        }
     }
 
     /// Writes the cache to `path` atomically (a temporary file renamed over it).
@@ -488,7 +498,8 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 
 /// Checks the file and indexes its records; their entries are checked when a walk first
 /// uses them ([`DirRecord::is_well_formed`]).
-fn decode(bytes: Vec<u8>) -> Option<DigestCache> {
+fn decode(bytes: impl Into<Stored>) -> Option<DigestCache> {
+    let bytes = bytes.into();
     let mut r = Reader(&bytes);
     if r.take(8)? != MAGIC || r.u32()? != VERSION {
         return None;
@@ -511,7 +522,10 @@ fn decode(bytes: Vec<u8>) -> Option<DigestCache> {
             return None;
         }
     }
-    (at == file.len()).then_some(DigestCache { dirs })
+    (at == file.len()).then_some(DigestCache {
+        dirs,
+        file: Some(file),
+    })
 }
 
 #[cfg(test)]

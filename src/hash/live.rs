@@ -6,14 +6,16 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use rustc_hash::FxHashMap;
 
 use super::cache::DigestCache;
 use super::rules::{IGNORE_FILES, Level, always_excluded};
 use super::walk::{self, Stats, WalkOutput};
-use super::{BuildId, CACHE_FILE, Entry, HashError, HashSpec, Recipe, build_id};
+use super::{BuildId, CACHE_FILE, HashError, HashSpec, Recipe, build_id};
+
+mod dirs;
+mod entries;
+use dirs::Dirs;
+use entries::SortedEntries;
 
 /// What one update found.
 #[derive(Debug, Default)]
@@ -39,7 +41,7 @@ pub struct LiveTree {
     /// Entries sorted by relative path: the id's order.
     entries: SortedEntries,
     /// Every directory that takes part, with the rules in force in it.
-    dirs: FxHashMap<Box<[u8]>, Arc<Level>>,
+    dirs: Dirs,
     /// Digests and listings, persisted for the next start.
     cache: DigestCache,
     cache_dirty: bool,
@@ -57,7 +59,7 @@ impl LiveTree {
             exclude: spec.exclude.clone(),
             recipe: spec.recipe.map(|r| (r.steps.to_vec(), r.env.clone())),
             entries: SortedEntries::default(),
-            dirs: FxHashMap::default(),
+            dirs: Dirs::default(),
             cache,
             cache_dirty: false,
             id: BuildId(0),
@@ -78,32 +80,33 @@ impl LiveTree {
     fn replace(&mut self, out: WalkOutput) -> Change {
         let mut change = Change::default();
         let entries = SortedEntries::from_unsorted(out.entries);
-        for e in entries.values() {
-            let path = &e.path;
-            if self.entries.get(path) != Some(e) {
-                change.changed.push(lossy(path));
+        for e in entries.iter() {
+            if self.entries.get(e.path) != Some(e) {
+                change.changed.push(lossy(e.path));
             }
         }
-        for path in self.entries.keys() {
+        for path in self.entries.paths() {
             if entries.get(path).is_none() {
                 change.changed.push(lossy(path));
             }
         }
         change.changed.sort();
-        let dirs: FxHashMap<_, _> = out.dirs.into_iter().collect();
-        for d in dirs.keys() {
-            if !self.dirs.contains_key(d) {
+        let dirs = Dirs::from_vec(out.dirs);
+        for d in dirs.paths() {
+            if !self.dirs.contains(d) {
                 change.watch.push(self.abs(d));
             }
         }
-        for d in self.dirs.keys() {
-            if !dirs.contains_key(d) {
+        for d in self.dirs.paths() {
+            if !dirs.contains(d) {
                 change.unwatch.push(self.abs(d));
             }
         }
         if self.cache.absorb(out.cache) {
             self.cache_dirty = true;
         }
+        // The walk read every record of the loaded file; until the next walk only a few are.
+        self.cache.release_pages();
         self.entries = entries;
         self.dirs = dirs;
         self.id = self.compute_id();
@@ -115,7 +118,7 @@ impl LiveTree {
             .recipe
             .as_ref()
             .map(|(steps, env)| Recipe { steps, env });
-        build_id(recipe, self.entries.values())
+        build_id(recipe, self.entries.iter())
     }
 
     fn abs(&self, rel: &[u8]) -> PathBuf {
@@ -139,9 +142,20 @@ impl LiveTree {
         self.entries.len()
     }
 
+    /// How many directories take part.
+    pub fn dirs(&self) -> usize {
+        self.dirs.len()
+    }
+
     /// Every directory that takes part, absolute.
-    pub fn dir_paths(&self) -> Vec<PathBuf> {
-        self.dirs.keys().map(|d| self.abs(d)).collect()
+    pub fn dir_paths(&self) -> impl ExactSizeIterator<Item = PathBuf> + '_ {
+        self.dirs.paths().map(|d| self.abs(d))
+    }
+
+    /// Whether the directory `path` (absolute) takes part.
+    pub fn has_dir(&self, path: &Path) -> bool {
+        path.strip_prefix(&self.root)
+            .is_ok_and(|rel| self.dirs.contains(rel.as_os_str().as_bytes()))
     }
 
     /// Whether `path` is inside a directory of the tree and not excluded by a fixed rule: the
@@ -196,7 +210,7 @@ impl LiveTree {
                 }
             };
             if meta.is_dir() {
-                if self.dirs.contains_key(&rel_b) || level.is_ignored(p, true) {
+                if self.dirs.contains(&rel_b) || level.is_ignored(p, true) {
                     continue;
                 }
                 self.remove(&rel_b, &mut changed, &mut change.unwatch);
@@ -208,19 +222,19 @@ impl LiveTree {
                     level,
                 )?;
                 for e in out.entries {
-                    changed.insert(e.path.clone());
-                    self.entries.insert(e);
+                    self.entries.insert(&e);
+                    changed.insert(e.path);
                 }
                 for (d, l) in out.dirs {
                     change.watch.push(self.abs(&d));
-                    self.dirs.insert(d, l);
+                    self.dirs.insert(&d, l);
                 }
                 self.cache.absorb(out.cache);
                 change.warnings.extend(out.warnings);
                 self.cache_dirty = true;
                 continue;
             }
-            if self.dirs.contains_key(&rel_b) {
+            if self.dirs.contains(&rel_b) {
                 // A directory replaced by a file.
                 self.remove(&rel_b, &mut changed, &mut change.unwatch);
             }
@@ -240,9 +254,9 @@ impl LiveTree {
             self.cache_dirty = true;
             match entry {
                 Some(e) => {
-                    if self.entries.get(&rel_b) != Some(&e) {
+                    if self.entries.get(&rel_b) != Some(e.as_ref()) {
                         changed.insert(rel_b.clone());
-                        self.entries.insert(e);
+                        self.entries.insert(&e);
                     }
                 }
                 None => self.remove(&rel_b, &mut changed, &mut change.unwatch),
@@ -279,10 +293,10 @@ impl LiveTree {
         changed: &mut BTreeSet<Box<[u8]>>,
         unwatch: &mut Vec<PathBuf>,
     ) {
-        if self.entries.remove(rel).is_some() {
+        if self.entries.remove(rel) {
             changed.insert(rel.into());
         }
-        if self.dirs.remove(rel).is_none() {
+        if !self.dirs.remove(rel) {
             return;
         }
         unwatch.push(self.abs(rel));
@@ -291,15 +305,8 @@ impl LiveTree {
         for k in self.entries.remove_below(&prefix) {
             changed.insert(k);
         }
-        let dirs: Vec<Box<[u8]>> = self
-            .dirs
-            .keys()
-            .filter(|d| d.starts_with(&prefix))
-            .cloned()
-            .collect();
-        for d in dirs {
+        for d in self.dirs.remove_below(&prefix) {
             unwatch.push(self.abs(&d));
-            self.dirs.remove(&d);
         }
     }
 
@@ -309,65 +316,23 @@ impl LiveTree {
             return;
         }
         let dirs = &self.dirs;
-        self.cache.retain(|k| dirs.contains_key(k));
-        if self.cache.save(&self.root.join(CACHE_FILE)).is_ok() {
+        self.cache.retain(|k| dirs.contains(k));
+        let path = self.root.join(CACHE_FILE);
+        if self.cache.save(&path).is_ok() {
             self.cache_dirty = false;
+            // The records made since the load live on the heap; the file just written holds
+            // them all, so it takes their place (mapped, its pages handed back). Anything else
+            // that replaced the file meanwhile holds records validated against the files'
+            // stats just the same.
+            let saved = DigestCache::load(&path);
+            if saved.len() == self.cache.len() {
+                self.cache = saved;
+                self.cache.release_pages();
+            }
         }
     }
 }
 
 fn lossy(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
-}
-
-/// Entries kept sorted by path in one vector: the id is recomputed after every change, and a
-/// contiguous pass over 100k entries is several times faster than walking a tree map's nodes.
-/// Changes cost a binary search and a move of the tail (about a millisecond for 100k).
-#[derive(Default)]
-struct SortedEntries(Vec<Entry>);
-
-impl SortedEntries {
-    fn from_unsorted(mut v: Vec<Entry>) -> SortedEntries {
-        v.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-        SortedEntries(v)
-    }
-
-    fn find(&self, path: &[u8]) -> Result<usize, usize> {
-        self.0.binary_search_by(|e| (*e.path).cmp(path))
-    }
-
-    fn get(&self, path: &[u8]) -> Option<&Entry> {
-        self.find(path).ok().map(|i| &self.0[i])
-    }
-
-    /// Adds `e`, replacing the entry of the same path.
-    fn insert(&mut self, e: Entry) {
-        match self.find(&e.path) {
-            Ok(i) => self.0[i] = e,
-            Err(i) => self.0.insert(i, e),
-        }
-    }
-
-    fn remove(&mut self, path: &[u8]) -> Option<Entry> {
-        self.find(path).ok().map(|i| self.0.remove(i))
-    }
-
-    /// Removes every entry whose path starts with `prefix`; returns their paths.
-    fn remove_below(&mut self, prefix: &[u8]) -> Vec<Box<[u8]>> {
-        let start = self.0.partition_point(|e| *e.path < *prefix);
-        let end = start + self.0[start..].partition_point(|e| e.path.starts_with(prefix));
-        self.0.drain(start..end).map(|e| e.path).collect()
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn values(&self) -> std::slice::Iter<'_, Entry> {
-        self.0.iter()
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &Box<[u8]>> {
-        self.0.iter().map(|e| &e.path)
-    }
 }

@@ -1,11 +1,13 @@
 //! The tree hash: which files make up a service, their digests, and the build id.
 
+pub(crate) mod arena;
 pub mod cache;
 mod entry;
 mod files;
 mod gather;
 mod listing;
 pub mod live;
+mod mapped;
 mod record;
 pub mod rules;
 mod walk;
@@ -90,6 +92,27 @@ pub struct Entry {
     /// xxh3-128 of the content (of the target, for symlinks).
     pub digest: u128,
     pub size: u64,
+}
+
+impl Entry {
+    /// The fields that make up the build id, borrowed.
+    pub fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef {
+            path: &self.path,
+            kind: self.kind,
+            target: self.target.as_deref(),
+            digest: self.digest,
+        }
+    }
+}
+
+/// What the build id takes from one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    pub path: &'a [u8],
+    pub kind: Kind,
+    pub target: Option<&'a [u8]>,
+    pub digest: u128,
 }
 
 /// The part of a service's configuration that decides what a build produces.
@@ -238,7 +261,7 @@ pub fn hash_tree(spec: &HashSpec, cache_use: CacheUse) -> Result<TreeHash, HashE
     let t = Instant::now();
     // The walk emits entries sorted by path.
     let entries = out.entries;
-    let id = build_id(spec.recipe, entries.iter());
+    let id = build_id(spec.recipe, entries.iter().map(Entry::as_ref));
     let bytes = entries.iter().map(|e| e.size).sum();
     timings.id = t.elapsed();
 
@@ -274,7 +297,7 @@ pub fn hash_tree(spec: &HashSpec, cache_use: CacheUse) -> Result<TreeHash, HashE
 /// The build id of `entries`, sorted by path, built by `recipe`.
 pub fn build_id<'e>(
     recipe: Option<Recipe>,
-    entries: impl ExactSizeIterator<Item = &'e Entry>,
+    entries: impl ExactSizeIterator<Item = EntryRef<'e>>,
 ) -> BuildId {
     // The fields go through a buffer: one hasher update per 64 KiB instead of five per entry.
     struct Fields {
@@ -319,9 +342,9 @@ pub fn build_id<'e>(
     }
     f.bytes(&(entries.len() as u64).to_le_bytes());
     for e in entries {
-        f.field(&e.path);
+        f.field(e.path);
         f.bytes(&[e.kind.tag()]);
-        if let Some(t) = &e.target {
+        if let Some(t) = e.target {
             f.field(t);
         }
         f.bytes(&e.digest.to_le_bytes());

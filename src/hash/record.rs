@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::cache::{EntryType, FileRecord, StatKey};
 use super::listing::{DirListing, tree_order};
+use super::mapped::Stored;
 
 /// One entry of a directory record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +31,7 @@ pub struct DirRecord(Bytes);
 enum Bytes {
     /// Part of the loaded cache file.
     InFile {
-        file: Arc<Vec<u8>>,
+        file: Arc<Stored>,
         at: u32,
         len: u32,
     },
@@ -307,7 +308,7 @@ impl<'a> Reader<'a> {
 
 /// The record that starts at `at` in a loaded cache file, with its length; `None` if its
 /// fixed fields do not fit (its entries are checked when used: [`DirRecord::is_well_formed`]).
-pub(super) fn record_at(file: &Arc<Vec<u8>>, at: usize) -> Option<(DirRecord, usize)> {
+pub(super) fn record_at(file: &Arc<Stored>, at: usize) -> Option<(DirRecord, usize)> {
     let bytes = file.get(at..)?;
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let rec = bytes.get(..len)?;
