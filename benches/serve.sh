@@ -17,7 +17,10 @@
 #           floor = debounce + that build's duration_ms (build_finished) + the node start above
 #   (b)     wrk -t$THREADS -c$CONNS -d${CMP_S}s --latency against the backend direct (the `port` of
 #           the `live` event) and through the proxy, no swaps, alternated D P P D: throughput
-#           ratio and p50 latency added
+#           ratio and p50 latency added. With NGINX=1 (the default; installed if missing) the
+#           same backend through nginx too (one worker, upstream keep-alive, the same
+#           forwarded header), as a reference for what a mature proxy gets on this machine:
+#           order D P N N P D
 #   (a)     wrk -t$THREADS -c$CONNS -d${LOAD_S}s --latency through the proxy while version.txt is
 #           edited about every second and each swap's `live` is waited for (at least $SWAPS
 #           swaps wanted): requests, failed requests (non-2xx/3xx + socket errors), p50/p99,
@@ -46,7 +49,11 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v node >/dev/null || need+=(nodejs)
 command -v python3 >/dev/null || need+=(python3)
+NGINX=${NGINX:-1}
+[ "$NGINX" = 1 ] && ! command -v nginx >/dev/null && ! [ -x /usr/sbin/nginx ] && need+=(nginx-light)
 install_missing "${need[@]}"
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+[ "$NGINX" = 1 ] && [ -x "$NGINX_BIN" ] || NGINX_BIN=
 
 # --- pmesh-dev --------------------------------------------------------------------------------
 pick_pmesh
@@ -56,7 +63,7 @@ WORK=$(mktemp -d)
 cleanup() {
     # The driver stops what it started; this is for an interrupted run. Only the pids it wrote.
     local f pid
-    for f in "$WORK"/wrk.pid "$WORK"/node.pid "$WORK"/watch.pid; do
+    for f in "$WORK"/wrk.pid "$WORK"/node.pid "$WORK"/nginx.pid "$WORK"/watch.pid; do
         [ -f "$f" ] || continue
         pid=$(cat "$f")
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
@@ -94,11 +101,11 @@ EOF
 # ==============================================================================================
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 - "$PMESH" "$WORK" "$PORT" "$SWAPS" "$LOAD_S" "$CMP_S" "$EDITS" "$NODE_RUNS" "$THREADS" \
-    "$CONNS" "$DEBOUNCE_MS" "$CORES" "$LOAD_BEFORE" <<'PY' || true
+    "$CONNS" "$DEBOUNCE_MS" "$CORES" "$LOAD_BEFORE" "$NGINX_BIN" <<'PY' || true
 import http.client, json, os, re, select, signal, socket, statistics, subprocess, sys, time
 
 (pm, work, port, swaps, load_s, cmp_s, edits, node_runs, threads, conns, debounce_ms, cores,
- load_before) = sys.argv[1:]
+ load_before, nginx_bin) = sys.argv[1:]
 port, swaps, load_s, cmp_s, edits, node_runs = int(port), int(swaps), float(load_s), float(cmp_s), int(edits), int(node_runs)
 debounce_ms = float(debounce_ms)
 app = os.path.join(work, "app")
@@ -282,6 +289,53 @@ def run_wrk(target_port, seconds, pids=()):
     r["busy"] = (b1 - b0) / max(1, t1 - t0)
     return r
 
+def start_nginx(backend):
+    """nginx as a reverse proxy to the backend, set up as close to pmesh-dev's proxy as it goes:
+    one worker process (pmesh-dev's HTTP proxy is one thread), HTTP/1.1 keep-alive upstream,
+    X-Forwarded-For set, no access log. (process, port), or None if it does not start."""
+    d = os.path.join(work, "nginx")
+    os.makedirs(d, exist_ok=True)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    nport = s.getsockname()[1]
+    s.close()
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write("""worker_processes 1;
+daemon off;
+master_process off;
+pid %(d)s/nginx.pid;
+error_log %(d)s/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %(d)s/body;
+  proxy_temp_path %(d)s/proxy;
+  upstream backend { server 127.0.0.1:%(b)d; keepalive 64; }
+  server {
+    listen 127.0.0.1:%(p)d;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $remote_addr;
+    }
+  }
+}
+""" % {"d": d, "b": backend, "p": nport})
+    p = subprocess.Popen([nginx_bin, "-p", d, "-c", os.path.join(d, "nginx.conf")],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    write_pid("nginx", p.pid)
+    for _ in range(100):
+        if get(nport)[0] == 200:
+            return p, nport
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    log("  nginx did not start; see %s/error.log" % d)
+    p.kill()
+    p.wait()
+    return None
+
 def instances_left():
     """Processes whose working directory or command line is in our temporary directory."""
     left = []
@@ -369,15 +423,25 @@ try:
         % (threads, conns, round(cmp_s), backend, port))
     st, body = get(backend)
     node_pid = int(body.split(" pid ")[1]) if st == 200 and " pid " in body else 0
-    cmp = {"direct": [], "proxy": []}
-    for which in ("direct", "proxy", "proxy", "direct"):
-        r = run_wrk(backend if which == "direct" else port, cmp_s, (node_pid, w.p.pid))
+    cmp = {"direct": [], "proxy": [], "nginx": []}
+    order = ("direct", "proxy", "proxy", "direct")
+    nginx = start_nginx(backend) if nginx_bin else None
+    if nginx is not None:
+        order = ("direct", "proxy", "nginx", "nginx", "proxy", "direct")
+        log("  and through nginx (one worker, port %d)" % nginx[1])
+    for which in order:
+        target = {"direct": backend, "proxy": port}.get(which) or nginx[1]
+        middle = nginx[0].pid if which == "nginx" else w.p.pid
+        r = run_wrk(target, cmp_s, (node_pid, middle))
         cmp[which].append(r)
         n = max(1, r["requests"])
         log("  %-6s %8.0f req/s, p50 %.3f ms, p99 %.3f ms, failed %d; cpu per request: wrk %.1f us, node %.1f us, pmesh-dev %.1f us; cores busy %.0f%%"
             % (which, r["rps"], r["p50"], r["p99"], r["failed"], r["cpu_s"] / n * 1e6,
                r["cpu"][0] / n * 1e6, r["cpu"][1] / n * 1e6, r["busy"] * 100))
         time.sleep(0.5)
+    if nginx is not None:
+        nginx[0].terminate()
+        nginx[0].wait()
     res["cmp"] = cmp
     if [e for _, e in w.drain(0.2) if e.get("event") in ("live", "crashed", "unhealthy")]:
         log("  warning: the instance changed during the comparison")
@@ -440,7 +504,7 @@ mean = lambda xs: sum(xs) / len(xs)
 d_rps, p_rps = mean([x["rps"] for x in r["cmp"]["direct"]]), mean([x["rps"] for x in r["cmp"]["proxy"]])
 d_p50, p_p50 = mean([x["p50"] for x in r["cmp"]["direct"]]), mean([x["p50"] for x in r["cmp"]["proxy"]])
 d_p99, p_p99 = mean([x["p99"] for x in r["cmp"]["direct"]]), mean([x["p99"] for x in r["cmp"]["proxy"]])
-cmp_failed = sum(x["failed"] for k in ("direct", "proxy") for x in r["cmp"][k])
+cmp_failed = sum(x["failed"] for k in ("direct", "proxy", "nginx") for x in r["cmp"][k])
 ratio = p_rps / d_rps if d_rps else 0.0
 added = p_p50 - d_p50
 node = med(r["node_ms"])
@@ -467,6 +531,10 @@ print(row % ("    throughput", "%.0f req/s" % L["rps"], "edit to live, median",
              "%.0f ms" % med(r["swap_times"]), "", ""))
 print(row % ("(b) throughput, proxy vs direct", "%.0f req/s" % p_rps, "direct",
              "%.0f req/s" % d_rps, ">= 0.8x", "%s (%.2fx)" % (verdict(ratio >= 0.8), ratio)))
+if r["cmp"]["nginx"]:
+    n_rps = mean([x["rps"] for x in r["cmp"]["nginx"]])
+    print(row % ("    reference: nginx, 1 worker", "%.0f req/s" % n_rps, "vs direct",
+                 "%.2fx" % (n_rps / d_rps if d_rps else 0), "", "pmesh-dev %.2fx nginx" % (p_rps / n_rps if n_rps else 0)))
 print(row % ("    latency p50, proxy vs direct", "%.3f ms" % p_p50, "direct", "%.3f ms" % d_p50,
              "< +1 ms", "%s (+%.3f ms)" % (verdict(added < 1.0), added)))
 print(row % ("    latency p99, proxy vs direct", "%.3f ms" % p_p99, "direct", "%.3f ms" % d_p99, "", ""))
@@ -488,9 +556,14 @@ print("  (b) CPU per request, us: direct: wrk %.1f + node %.1f = %.1f | proxy: w
          per_req("proxy"), per_req("proxy", 0), per_req("proxy", 1),
          per_req("proxy") + per_req("proxy", 0) + per_req("proxy", 1),
          100 * mean([x["busy"] for x in r["cmp"]["direct"]]), 100 * mean([x["busy"] for x in r["cmp"]["proxy"]])))
-print("  (b) each run, req/s: direct %s | proxy %s; failed requests in (b): %d"
+if r["cmp"]["nginx"]:
+    print("  (b) CPU per request through nginx, us: wrk %.1f + node %.1f + nginx %.1f = %.1f"
+          % (per_req("nginx"), per_req("nginx", 0), per_req("nginx", 1),
+             per_req("nginx") + per_req("nginx", 0) + per_req("nginx", 1)))
+print("  (b) each run, req/s: direct %s | proxy %s | nginx %s; failed requests in (b): %d"
       % (" ".join("%.0f" % x["rps"] for x in r["cmp"]["direct"]),
-         " ".join("%.0f" % x["rps"] for x in r["cmp"]["proxy"]), cmp_failed))
+         " ".join("%.0f" % x["rps"] for x in r["cmp"]["proxy"]),
+         " ".join("%.0f" % x["rps"] for x in r["cmp"]["nginx"]) or "-", cmp_failed))
 print("  after the load the proxy serves the last version: %s; pmesh-dev exit status after SIGINT: %s; processes left: %d%s"
       % ("yes" if r["serves_last"] else "NO", r["exit"], len(r["left"]),
          (" (" + "; ".join(r["left"]) + ")") if r["left"] else ""))

@@ -470,6 +470,8 @@ impl fmt::Display for Failure {
     }
 }
 
+mod fast;
+
 /// Everything a connection handler needs; shared by all connections of one `serve_http`.
 struct Proxy {
     service: String,
@@ -770,8 +772,25 @@ impl Wake for PartWake {
     }
 }
 
-async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_connection(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    // A child token: its lock is this connection's alone, unlike the proxy-wide one.
+    let stop = proxy.shutdown.child_token();
+    let ip = peer.ip().to_string();
+    let read = match fast::serve(&proxy, &mut stream, &ip, &stop).await {
+        fast::Outcome::Done => return,
+        fast::Outcome::HandOver(read) => read,
+    };
+    serve_with_hyper(proxy, fast::Prefixed::new(read, stream), peer, stop).await;
+}
+
+/// Serves a client connection with hyper: everything the fast path leaves to it.
+async fn serve_with_hyper(
+    proxy: Arc<Proxy>,
+    stream: fast::Prefixed,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let wake = LocalWake::new();
     let server_waker = wake.waker(SERVER);
     let down = Arc::new(Downstream::new(peer, wake.waker(UPSTREAMS)));
@@ -787,8 +806,6 @@ async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut conn = pin!(conn);
-    // A child token: its lock is this connection's alone, unlike the proxy-wide one.
-    let stop = proxy.shutdown.child_token();
     let mut stopping = pin!(stop.cancelled());
     let mut stopped = false;
     wake.drive(|| {
@@ -2049,6 +2066,148 @@ mod tests {
             );
 
             a.stop().await;
+        })
+        .await;
+    }
+
+    /// A backend that answers every request on a connection with `reply(request head)`,
+    /// written raw, and closes the connection when the reply asks to (`close`).
+    async fn raw_backend(reply: fn(&str) -> (Vec<u8>, bool)) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    Ok((mut stream, _)) = listener.accept() => {
+                        conns.spawn(async move {
+                            let mut buf = Vec::new();
+                            loop {
+                                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                                    let mut chunk = [0u8; 4096];
+                                    match stream.read(&mut chunk).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                    }
+                                    continue;
+                                };
+                                let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                                buf.drain(..end + 4);
+                                let (bytes, close) = reply(&head);
+                                if stream.write_all(&bytes).await.is_err() || close {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Server { addr, stop, task }
+    }
+
+    /// Sends `bytes` on a new connection to `addr` and reads until the proxy closes it or
+    /// `until` is in what was read.
+    async fn raw_exchange(addr: SocketAddr, bytes: &[u8], until: Option<&str>) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if until.is_some_and(|u| String::from_utf8_lossy(&got).contains(u)) {
+                break;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_http_1_0_backend_that_closes_is_answered_in_http_1_1_and_closed() {
+        within(async {
+            // Like Python's http.server: HTTP/1.0, no length, the end of the body is the end
+            // of the connection.
+            let b = raw_backend(|_| {
+                (
+                    b"HTTP/1.0 200 OK\r\nServer: py\r\n\r\nuntil the end".to_vec(),
+                    true,
+                )
+            })
+            .await;
+            let switch = Switch::new(Target::Live(Upstream::new(b.addr)));
+            let proxy = start_proxy(&switch).await;
+            let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+            let got = raw_exchange(proxy.addr, req, None).await;
+            assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+            assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+            assert!(got.ends_with("\r\n\r\nuntil the end"), "{got}");
+            proxy.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_head_and_no_content_requests_keep_their_framing() {
+        within(async {
+            let b = raw_backend(|head| {
+                let reply: &[u8] = if head.starts_with("HEAD ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-head: 1\r\n\r\n"
+                } else if head.starts_with("DELETE ") {
+                    b"HTTP/1.1 204 No Content\r\nx-del: 1\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive, x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                };
+                (reply.to_vec(), false)
+            })
+            .await;
+            let upstream = Upstream::new(b.addr);
+            let switch = Switch::new(Target::Live(upstream.clone()));
+            let proxy = start_proxy(&switch).await;
+            // Three requests in one write, the last one with a body and `Connection: close`.
+            let req = b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n\
+                        DELETE /b HTTP/1.1\r\nHost: x\r\n\r\n\
+                        POST /c HTTP/1.1\r\nHost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbody";
+            let got = raw_exchange(proxy.addr, req, None).await;
+            let parts: Vec<&str> = got.split("HTTP/1.1 ").skip(1).collect();
+            assert_eq!(parts.len(), 3, "{got}");
+            assert!(parts[0].starts_with("200 OK\r\n") && parts[0].contains("x-head: 1"), "{got}");
+            assert!(parts[0].contains("content-length: 5") && parts[0].ends_with("\r\n\r\n"), "{got}");
+            assert!(parts[1].starts_with("204 No Content\r\n") && parts[1].ends_with("\r\n\r\n"), "{got}");
+            // Hop-by-hop headers go, the chunked framing passes through as it came.
+            assert!(!parts[2].contains("x-hop") && !parts[2].contains("keep-alive"), "{got}");
+            assert!(parts[2].contains("connection: close"), "{got}");
+            assert!(parts[2].ends_with("\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{got}");
+            assert_eq!(upstream.in_flight(), 0);
+            proxy.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn requests_the_fast_path_leaves_go_the_hyper_way_on_the_same_connection() {
+        within(async {
+            let b = backend("B").await;
+            let switch = Switch::new(Target::Live(Upstream::new(b.addr)));
+            let proxy = start_proxy(&switch).await;
+            // A plain GET (fast path), then a chunked POST (handed over), then another GET
+            // (hyper from then on), all on one connection.
+            let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\
+                        POST /echo HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+                        GET / HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n";
+            let got = raw_exchange(proxy.addr, req, None).await;
+            assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 3, "{got}");
+            assert!(got.contains("hello"), "{got}");
+            assert_eq!(got.matches("x-backend: B").count(), 3, "{got}");
+            proxy.stop().await;
+            b.stop().await;
         })
         .await;
     }

@@ -346,11 +346,17 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut w = DirWatcher::new(tx, root.clone()).unwrap();
-        let dirs = [root.clone(), root.join("a"), root.join("a/b"), outside.clone()];
+        let dirs = [
+            root.clone(),
+            root.join("a"),
+            root.join("a/b"),
+            outside.clone(),
+        ];
         w.add(dirs.iter()).unwrap();
         // Gone already, or not a directory: skipped, no error.
         std::fs::write(root.join("file"), "x").unwrap();
-        w.add([root.join("missing"), root.join("file")].iter()).unwrap();
+        w.add([root.join("missing"), root.join("file")].iter())
+            .unwrap();
         assert_eq!(w.len(), 4);
         until(&mut rx, &root.join("file")).await;
 

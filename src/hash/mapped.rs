@@ -42,7 +42,7 @@ impl std::fmt::Debug for Stored {
 }
 
 impl Stored {
-    /// Maps the file at `path`.
+    /// Maps the file at `path` (reads it where it cannot be mapped).
     pub fn open(path: &Path) -> io::Result<Stored> {
         let file = File::open(path)?;
         let len = usize::try_from(file.metadata()?.len())
@@ -64,7 +64,8 @@ impl Stored {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            // A filesystem that cannot map files (some FUSE ones): read it instead.
+            return std::fs::read(path).map(Stored::Heap);
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap"))?;
         Ok(Stored::Mapped(Mapping { ptr, len }))
