@@ -2070,9 +2070,9 @@ mod tests {
         .await;
     }
 
-    /// A backend that answers every request on a connection with `reply(request head)`,
-    /// written raw, and closes the connection when the reply asks to (`close`).
-    async fn raw_backend(reply: fn(&str) -> (Vec<u8>, bool)) -> Server {
+    /// A backend that answers the `n`th request (from 0) of a connection with
+    /// `reply(n, request head)`, written raw, and closes the connection when the reply asks to.
+    async fn raw_backend(reply: fn(usize, &str) -> (Vec<u8>, bool)) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -2085,6 +2085,7 @@ mod tests {
                     Ok((mut stream, _)) = listener.accept() => {
                         conns.spawn(async move {
                             let mut buf = Vec::new();
+                            let mut n = 0;
                             loop {
                                 let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                                     let mut chunk = [0u8; 4096];
@@ -2096,7 +2097,8 @@ mod tests {
                                 };
                                 let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
                                 buf.drain(..end + 4);
-                                let (bytes, close) = reply(&head);
+                                let (bytes, close) = reply(n, &head);
+                                n += 1;
                                 if stream.write_all(&bytes).await.is_err() || close {
                                     return;
                                 }
@@ -2133,7 +2135,7 @@ mod tests {
         within(async {
             // Like Python's http.server: HTTP/1.0, no length, the end of the body is the end
             // of the connection.
-            let b = raw_backend(|_| {
+            let b = raw_backend(|_, _| {
                 (
                     b"HTTP/1.0 200 OK\r\nServer: py\r\n\r\nuntil the end".to_vec(),
                     true,
@@ -2156,7 +2158,7 @@ mod tests {
     #[tokio::test]
     async fn pipelined_head_and_no_content_requests_keep_their_framing() {
         within(async {
-            let b = raw_backend(|head| {
+            let b = raw_backend(|_, head| {
                 let reply: &[u8] = if head.starts_with("HEAD ") {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-head: 1\r\n\r\n"
                 } else if head.starts_with("DELETE ") {
@@ -2206,6 +2208,54 @@ mod tests {
             assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 3, "{got}");
             assert!(got.contains("hello"), "{got}");
             assert_eq!(got.matches("x-backend: B").count(), 3, "{got}");
+            proxy.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_without_an_answer_is_retried_once_for_a_get() {
+        within(async {
+            // Answers the first request of each connection, then closes on the next one
+            // without a word: the race of an instance closing an idle connection just as a
+            // request is sent on it.
+            let b = raw_backend(|n, head| match n {
+                0 => {
+                    let path = head.split(' ').nth(1).unwrap_or("?").to_owned();
+                    let body = format!("served {path}");
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    (reply.into_bytes(), false)
+                }
+                _ => (Vec::new(), true),
+            })
+            .await;
+            let switch = Switch::new(Target::Live(Upstream::new(b.addr)));
+            let proxy = start_proxy(&switch).await;
+            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+            let mut got = String::new();
+            for path in ["/1", "/2"] {
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+                s.write_all(req.as_bytes()).await.unwrap();
+                let want = format!("served {path}");
+                let mut chunk = [0u8; 4096];
+                while !got.contains(&want) {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "closed: {got}");
+                    got.push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            }
+            assert!(!got.contains("502"), "{got}");
+            // A POST is not sent twice: it gets the 502.
+            s.write_all(b"POST /3 HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(String::from_utf8_lossy(&chunk[..n]).starts_with("HTTP/1.1 502 "));
             proxy.stop().await;
             b.stop().await;
         })

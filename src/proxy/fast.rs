@@ -359,9 +359,11 @@ impl Conn<'_> {
                 Ok(()) => read_response_head(up).await,
                 Err(_) => Err(()),
             };
+            // Nothing at all came back: the instance cannot have started to answer.
+            let silent = self.up.as_ref().is_some_and(|up| up.buf.is_empty());
             match answered {
                 Ok(resp) => return self.respond(&head, resp, in_flight).await,
-                Err(()) if reused && retry => {
+                Err(()) if reused && retry && silent => {
                     retry = false;
                     self.up = None;
                 }
