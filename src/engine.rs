@@ -103,6 +103,9 @@ struct Engine {
     rescan: Option<String>,
     /// When the pending changes are quiet long enough to be processed.
     deadline: Option<tokio::time::Instant>,
+    /// What the paths of a quiet period's first events changed, read at once (see
+    /// [`Engine::read_ahead`]); taken when the period ends.
+    early: Option<Change>,
     /// Paths changed since the last build started, for `build_started`.
     changed: BTreeSet<String>,
     guard: LoopGuard,
@@ -210,6 +213,7 @@ pub async fn run(
         pending: BTreeSet::new(),
         rescan: None,
         deadline: None,
+        early: None,
         changed: BTreeSet::new(),
         guard: LoopGuard::default(),
         server,
@@ -357,6 +361,7 @@ impl Engine {
     }
 
     fn on_msg(&mut self, msg: WatchMsg) {
+        let paths = matches!(msg, WatchMsg::Paths(_));
         match msg {
             WatchMsg::Paths(paths) => {
                 let Some(tree) = self.tree.as_ref() else {
@@ -391,7 +396,36 @@ impl Engine {
             }
             WatchMsg::Error(message) => self.emit(EventKind::Warning { message }),
         }
+        let first = self.deadline.is_none();
         self.deadline = Some(tokio::time::Instant::now() + self.svc.debounce);
+        if first && paths && self.rescan.is_none() && !self.pending.is_empty() {
+            self.read_ahead();
+        }
+    }
+
+    /// Reads the paths that the first events of a quiet period name right away, while the
+    /// debounce runs, instead of when it ends. Whatever changes after is named by later events
+    /// and read when the period ends; a save is usually one batch of events, so by then the
+    /// tree and its id are up to date and only the last events' files are read again (with no
+    /// change, the id is not recomputed). What a new build waits for beyond the debounce is
+    /// then a re-read, not the id's pass over every entry after the edited one.
+    fn read_ahead(&mut self) {
+        let paths: Vec<PathBuf> = std::mem::take(&mut self.pending).into_iter().collect();
+        let Some(tree) = self.tree.as_mut() else {
+            self.pending.extend(paths);
+            return;
+        };
+        match tokio::task::block_in_place(|| tree.apply(&paths)) {
+            Ok(change) => {
+                self.update_watches(&change);
+                match &mut self.early {
+                    Some(early) => merge(early, change),
+                    None => self.early = Some(change),
+                }
+            }
+            // Read again when the period ends, which reports the error.
+            Err(_) => self.pending.extend(paths),
+        }
     }
 
     /// Brings the tree up to date with the pending changes, then decides what to build.
@@ -406,34 +440,49 @@ impl Engine {
                 reason: reason.clone(),
             });
         }
-        let Some(mut tree) = self.tree.take() else {
-            return Ok(());
-        };
-        let rescan_done = rescan.is_some();
-        let (tree, result) = tokio::task::spawn_blocking(move || {
-            let r = if rescan.is_some() {
-                tree.rescan()
-            } else {
-                tree.apply(&paths)
+        let early = self.early.take();
+        let result = if paths.is_empty() && rescan.is_none() {
+            // Everything was read ahead.
+            Ok(Change::default())
+        } else {
+            let Some(mut tree) = self.tree.take() else {
+                return Ok(());
             };
-            (tree, r)
-        })
-        .await
-        .context("the hashing task failed")?;
-        self.tree = Some(tree);
-        if rescan_done {
-            trim_heap();
-        }
-        let change = match result {
+            let rescan_done = rescan.is_some();
+            let (tree, result) = tokio::task::spawn_blocking(move || {
+                let r = if rescan.is_some() {
+                    tree.rescan()
+                } else {
+                    tree.apply(&paths)
+                };
+                (tree, r)
+            })
+            .await
+            .context("the hashing task failed")?;
+            self.tree = Some(tree);
+            if rescan_done {
+                trim_heap();
+            }
+            result
+        };
+        let mut change = match result {
             Ok(c) => c,
             Err(e) => {
                 self.emit(EventKind::Warning {
                     message: e.to_string(),
                 });
+                // As without the read-ahead: nothing builds until the next event; what was
+                // read ahead is named by that build.
+                if let Some(early) = early {
+                    self.changed.extend(early.changed);
+                }
                 return Ok(());
             }
         };
         self.update_watches(&change);
+        if let Some(early) = early {
+            merge(&mut change, early);
+        }
         let Change {
             changed,
             warnings,
@@ -481,6 +530,10 @@ impl Engine {
 
     /// Starts, cancels or leaves the build so that the newest tree ends up live.
     fn decide(&mut self) {
+        if self.early.is_some() {
+            // The tree is ahead of what was decided on: the quiet period's end decides.
+            return;
+        }
         let id = self.tree().id();
         if let Some(b) = &self.building {
             if b.id != id && !b.cancel.is_cancelled() {
@@ -719,4 +772,13 @@ fn suggest_patterns(paths: &[String]) -> Vec<String> {
         };
     }
     out.into_iter().collect()
+}
+
+/// Adds what `other` changed to `into`; their watches were updated already.
+fn merge(into: &mut Change, other: Change) {
+    into.changed.extend(other.changed);
+    into.changed.sort();
+    into.changed.dedup();
+    into.warnings.extend(other.warnings);
+    into.rules_reloaded |= other.rules_reloaded;
 }

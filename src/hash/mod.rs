@@ -299,56 +299,94 @@ pub fn build_id<'e>(
     recipe: Option<Recipe>,
     entries: impl ExactSizeIterator<Item = EntryRef<'e>>,
 ) -> BuildId {
-    // The fields go through a buffer: one hasher update per 64 KiB instead of five per entry.
-    struct Fields {
-        h: Xxh3,
-        buf: Vec<u8>,
+    let mut h = IdHasher::new(recipe, entries.len());
+    for e in entries {
+        h.entry(e);
     }
-    impl Fields {
-        fn bytes(&mut self, b: &[u8]) {
-            if self.buf.len() + b.len() > self.buf.capacity() {
-                self.h.update(&self.buf);
-                self.buf.clear();
-                if b.len() > self.buf.capacity() {
-                    self.h.update(b);
-                    return;
+    h.finish()
+}
+
+/// The build id's hash, fed one entry at a time. Its state after any number of entries can be
+/// kept ([`IdHasher::checkpoint`]) and resumed from, so that a watcher recomputing the id
+/// after an edit starts at the edited entry rather than the first one.
+#[derive(Clone)]
+pub struct IdHasher {
+    h: Xxh3,
+    /// The fields go through a buffer: one hasher update per 64 KiB instead of five per entry.
+    buf: Vec<u8>,
+}
+
+impl IdHasher {
+    /// Starts the id of a tree of `entries` entries built by `recipe`.
+    pub fn new(recipe: Option<Recipe>, entries: usize) -> IdHasher {
+        let mut f = IdHasher {
+            h: Xxh3::new(),
+            buf: Vec::with_capacity(64 << 10),
+        };
+        f.bytes(FORMAT_VERSION);
+        match recipe {
+            Some(r) => {
+                f.bytes(&(r.steps.len() as u64).to_le_bytes());
+                for s in r.steps {
+                    f.field(s.as_bytes());
+                }
+                f.bytes(&(r.env.len() as u64).to_le_bytes());
+                for (k, v) in r.env {
+                    f.field(k.as_bytes());
+                    f.field(v.as_bytes());
                 }
             }
-            self.buf.extend_from_slice(b);
+            None => f.bytes(&u64::MAX.to_le_bytes()),
         }
-        fn field(&mut self, b: &[u8]) {
-            self.bytes(&(b.len() as u64).to_le_bytes());
-            self.bytes(b);
-        }
+        f.bytes(&(entries as u64).to_le_bytes());
+        f
     }
-    let mut f = Fields {
-        h: Xxh3::new(),
-        buf: Vec::with_capacity(64 << 10),
-    };
-    f.bytes(FORMAT_VERSION);
-    match recipe {
-        Some(r) => {
-            f.bytes(&(r.steps.len() as u64).to_le_bytes());
-            for s in r.steps {
-                f.field(s.as_bytes());
-            }
-            f.bytes(&(r.env.len() as u64).to_le_bytes());
-            for (k, v) in r.env {
-                f.field(k.as_bytes());
-                f.field(v.as_bytes());
+
+    fn bytes(&mut self, b: &[u8]) {
+        if self.buf.len() + b.len() > self.buf.capacity() {
+            self.h.update(&self.buf);
+            self.buf.clear();
+            if b.len() > self.buf.capacity() {
+                self.h.update(b);
+                return;
             }
         }
-        None => f.bytes(&u64::MAX.to_le_bytes()),
+        self.buf.extend_from_slice(b);
     }
-    f.bytes(&(entries.len() as u64).to_le_bytes());
-    for e in entries {
-        f.field(e.path);
-        f.bytes(&[e.kind.tag()]);
+
+    fn field(&mut self, b: &[u8]) {
+        self.bytes(&(b.len() as u64).to_le_bytes());
+        self.bytes(b);
+    }
+
+    /// Adds the next entry (entries come sorted by path).
+    pub fn entry(&mut self, e: EntryRef) {
+        self.field(e.path);
+        self.bytes(&[e.kind.tag()]);
         if let Some(t) = e.target {
-            f.field(t);
+            self.field(t);
         }
-        f.bytes(&e.digest.to_le_bytes());
+        self.bytes(&e.digest.to_le_bytes());
     }
-    f.h.update(&f.buf);
-    BuildId(f.h.digest128())
+
+    /// The state so far, compact (without the buffer), to resume from with
+    /// [`IdHasher::resume`].
+    pub fn checkpoint(&mut self) -> Xxh3 {
+        self.h.update(&self.buf);
+        self.buf.clear();
+        self.h.clone()
+    }
+
+    /// Goes on from a [`IdHasher::checkpoint`].
+    pub fn resume(h: Xxh3) -> IdHasher {
+        IdHasher {
+            h,
+            buf: Vec::with_capacity(64 << 10),
+        }
+    }
+
+    pub fn finish(mut self) -> BuildId {
+        self.h.update(&self.buf);
+        BuildId(self.h.digest128())
+    }
 }

@@ -77,6 +77,18 @@ impl SortedEntries {
         self.slims.binary_search_by(|s| self.path(s).cmp(path))
     }
 
+    /// Where the entry of `path` is, or would be.
+    pub(super) fn position(&self, path: &[u8]) -> usize {
+        self.find(path).unwrap_or_else(|i| i)
+    }
+
+    /// The entries from index `from` on.
+    pub(super) fn iter_from(&self, from: usize) -> impl Iterator<Item = EntryRef<'_>> {
+        self.slims[from.min(self.slims.len())..]
+            .iter()
+            .map(|s| self.view(s))
+    }
+
     pub(super) fn get(&self, path: &[u8]) -> Option<EntryRef<'_>> {
         self.find(path).ok().map(|i| self.view(&self.slims[i]))
     }
