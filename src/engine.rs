@@ -361,7 +361,7 @@ impl Engine {
     }
 
     fn on_msg(&mut self, msg: WatchMsg) {
-        let paths = matches!(msg, WatchMsg::Paths(_));
+        let named_paths = matches!(msg, WatchMsg::Paths(_));
         match msg {
             WatchMsg::Paths(paths) => {
                 let Some(tree) = self.tree.as_ref() else {
@@ -398,7 +398,7 @@ impl Engine {
         }
         let first = self.deadline.is_none();
         self.deadline = Some(tokio::time::Instant::now() + self.svc.debounce);
-        if first && paths && self.rescan.is_none() && !self.pending.is_empty() {
+        if first && named_paths && self.rescan.is_none() && !self.pending.is_empty() {
             self.read_ahead();
         }
     }

@@ -2261,4 +2261,39 @@ mod tests {
         })
         .await;
     }
+
+    #[tokio::test]
+    async fn a_large_body_echoed_while_it_is_read_does_not_stall() {
+        within(async {
+            let b = backend("E").await;
+            let switch = Switch::new(Target::Live(Upstream::new(b.addr)));
+            let proxy = start_proxy(&switch).await;
+            // 32 MB with a length: more than the socket buffers hold, echoed as it arrives.
+            let body = pattern(32 << 20, 5);
+            let mut req = format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
+            let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+            let (mut rd, mut wr) = s.split();
+            let (_, got) = tokio::join!(
+                async {
+                    wr.write_all(&req).await.unwrap();
+                },
+                async {
+                    let mut got = Vec::new();
+                    rd.read_to_end(&mut got).await.unwrap();
+                    got
+                }
+            );
+            let text = String::from_utf8_lossy(&got[..64.min(got.len())]).into_owned();
+            assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+            assert!(got.len() > body.len(), "{} bytes", got.len());
+            proxy.stop().await;
+            b.stop().await;
+        })
+        .await;
+    }
 }

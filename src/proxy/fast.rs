@@ -8,8 +8,8 @@
 //! parsed in place (`httparse`), its head rewritten into one buffer (hop-by-hop headers out,
 //! `X-Forwarded-*` in), and bodies are copied in chunks, never held whole.
 //!
-//! Anything else on a connection (an upgrade, `Expect`, a chunked or HTTP/1.0 request, an
-//! absolute-form target, the service starting or down, a head that does not parse) hands the
+//! Anything else on a connection (an upgrade, `Expect`, a chunked, HTTP/1.0 or large request,
+//! an absolute-form target, the service starting or down, a head that does not parse) hands the
 //! connection, with what was read of it, to the hyper path for the rest of its life.
 
 use std::sync::Arc;
@@ -27,6 +27,11 @@ const MAX_HEADERS: usize = 96;
 const MAX_HEAD: usize = 64 << 10;
 /// Read size for heads and body chunks.
 const CHUNK: usize = 16 << 10;
+/// The largest request body sent here. The whole body is sent before the response is read, so
+/// an instance that answers while it reads (an echo, an upload with progress) could fill both
+/// sockets' buffers and wait on us forever with a larger one; hyper's path reads and writes
+/// both ways at once. Loopback buffers hold this much either way.
+const MAX_BODY: u64 = 64 << 10;
 
 /// How serving a connection here ended.
 pub(super) enum Outcome {
@@ -213,6 +218,9 @@ impl Conn<'_> {
             Some(v) => parse_length(v)?,
             None => 0,
         };
+        if body > MAX_BODY {
+            return None;
+        }
         Some(RequestHead {
             len,
             body,
