@@ -1203,36 +1203,46 @@ mod tests {
         Server { addr, stop, task }
     }
 
-    /// An HTTP backend that tags every response with `x-backend: id` and serves:
-    /// `/echo` (streams the request body back), `/headers` (the request headers it saw, one
-    /// per line), `/slow` (headers now, body after 500 ms), `/drip` ("first" now, "second"
-    /// after 1.5 s), `Upgrade: echo` (101 then echoes raw bytes), anything else: the id.
-    async fn backend(id: &'static str) -> Server {
+    /// A server on a free loopback port that runs `conn` on every connection it accepts, until
+    /// stopped (which aborts the connections still open).
+    async fn accept_each<F, Fut>(conn: F) -> Server
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
-            // Dropping the set when stopped aborts open connections too.
             let mut conns = JoinSet::new();
             loop {
                 tokio::select! {
                     () = token.cancelled() => break,
                     Ok((stream, _)) = listener.accept() => {
-                        // Like Node, which disables Nagle by default.
-                        let _ = stream.set_nodelay(true);
-                        let service = service_fn(move |req| backend_handle(id, req));
-                        let conn = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .with_upgrades();
-                        conns.spawn(async move {
-                            let _ = conn.await;
-                        });
+                        conns.spawn(conn(stream));
                     }
                 }
             }
         });
         Server { addr, stop, task }
+    }
+
+    /// An HTTP backend that tags every response with `x-backend: id` and serves:
+    /// `/echo` (streams the request body back), `/headers` (the request headers it saw, one
+    /// per line), `/slow` (headers now, body after 500 ms), `/drip` ("first" now, "second"
+    /// after 1.5 s), `Upgrade: echo` (101 then echoes raw bytes), anything else: the id.
+    async fn backend(id: &'static str) -> Server {
+        accept_each(move |stream| async move {
+            // Like Node, which disables Nagle by default.
+            let _ = stream.set_nodelay(true);
+            let service = service_fn(move |req| backend_handle(id, req));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let _ = conn.await;
+        })
+        .await
     }
 
     async fn backend_handle(
@@ -1314,26 +1324,12 @@ mod tests {
 
     /// A raw TCP backend that greets each connection with `id\n`, then echoes.
     async fn tcp_backend(id: &'static str) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    Ok((mut stream, _)) = listener.accept() => {
-                        conns.spawn(async move {
-                            let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
-                            let (mut r, mut w) = stream.split();
-                            let _ = tokio::io::copy(&mut r, &mut w).await;
-                        });
-                    }
-                }
-            }
-        });
-        Server { addr, stop, task }
+        accept_each(move |mut stream| async move {
+            let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await
     }
 
     fn text(s: &str) -> TestBody {
@@ -1915,50 +1911,41 @@ mod tests {
         id: &'static str,
         close_after: Option<Duration>,
     ) -> (Server, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let (token, counter) = (stop.clone(), open.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    Ok((mut stream, _)) = listener.accept() => {
-                        let counter = counter.clone();
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        conns.spawn(async move {
-                            let mut buf = Vec::new();
-                            let mut chunk = [0u8; 1024];
-                            loop {
-                                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                    buf.drain(..end + 4);
-                                    let resp = format!(
-                                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{id}",
-                                        id.len()
-                                    );
-                                    if stream.write_all(resp.as_bytes()).await.is_err() {
-                                        break;
-                                    }
-                                    if let Some(after) = close_after {
-                                        sleep(after).await;
-                                        counter.fetch_sub(1, Ordering::SeqCst);
-                                        return;
-                                    }
-                                }
-                                match stream.read(&mut chunk).await {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                                }
-                            }
+        let counter = open.clone();
+        let server = accept_each(move |mut stream| {
+            // Counted from the accept on.
+            let counter = counter.clone();
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{id}",
+                            id.len()
+                        );
+                        if stream.write_all(resp.as_bytes()).await.is_err() {
+                            break;
+                        }
+                        if let Some(after) = close_after {
+                            sleep(after).await;
                             counter.fetch_sub(1, Ordering::SeqCst);
-                        });
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
+                counter.fetch_sub(1, Ordering::SeqCst);
             }
-        });
-        (Server { addr, stop, task }, open)
+        })
+        .await;
+        (server, open)
     }
 
     #[tokio::test]
@@ -2073,42 +2060,28 @@ mod tests {
     /// A backend that answers the `n`th request (from 0) of a connection with
     /// `reply(n, request head)`, written raw, and closes the connection when the reply asks to.
     async fn raw_backend(reply: fn(usize, &str) -> (Vec<u8>, bool)) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
+        accept_each(move |mut stream| async move {
+            let mut buf = Vec::new();
+            let mut n = 0;
             loop {
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    Ok((mut stream, _)) = listener.accept() => {
-                        conns.spawn(async move {
-                            let mut buf = Vec::new();
-                            let mut n = 0;
-                            loop {
-                                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                                    let mut chunk = [0u8; 4096];
-                                    match stream.read(&mut chunk).await {
-                                        Ok(0) | Err(_) => return,
-                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                                    }
-                                    continue;
-                                };
-                                let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-                                buf.drain(..end + 4);
-                                let (bytes, close) = reply(n, &head);
-                                n += 1;
-                                if stream.write_all(&bytes).await.is_err() || close {
-                                    return;
-                                }
-                            }
-                        });
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(got) => buf.extend_from_slice(&chunk[..got]),
                     }
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                buf.drain(..end + 4);
+                let (bytes, close) = reply(n, &head);
+                n += 1;
+                if stream.write_all(&bytes).await.is_err() || close {
+                    return;
                 }
             }
-        });
-        Server { addr, stop, task }
+        })
+        .await
     }
 
     /// Sends `bytes` on a new connection to `addr` and reads until the proxy closes it or
