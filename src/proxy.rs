@@ -2135,7 +2135,7 @@ mod tests {
                 let reply: &[u8] = if head.starts_with("HEAD ") {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-head: 1\r\n\r\n"
                 } else if head.starts_with("DELETE ") {
-                    b"HTTP/1.1 204 No Content\r\nx-del: 1\r\n\r\n"
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 204 No Content\r\nx-del: 1\r\n\r\n"
                 } else {
                     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive, x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
                 };
@@ -2151,7 +2151,10 @@ mod tests {
                         POST /c HTTP/1.1\r\nHost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbody";
             let got = raw_exchange(proxy.addr, req, None).await;
             let parts: Vec<&str> = got.split("HTTP/1.1 ").skip(1).collect();
-            assert_eq!(parts.len(), 3, "{got}");
+            assert_eq!(parts.len(), 4, "{got}");
+            // The interim response is passed on before the final one.
+            assert!(parts[1].starts_with("103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\n"), "{got}");
+            let parts = [parts[0], parts[2], parts[3]];
             assert!(parts[0].starts_with("200 OK\r\n") && parts[0].contains("x-head: 1"), "{got}");
             assert!(parts[0].contains("content-length: 5") && parts[0].ends_with("\r\n\r\n"), "{got}");
             assert!(parts[1].starts_with("204 No Content\r\n") && parts[1].ends_with("\r\n\r\n"), "{got}");

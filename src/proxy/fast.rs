@@ -367,6 +367,22 @@ impl Conn<'_> {
                 Ok(()) => read_response_head(up).await,
                 Err(_) => Err(()),
             };
+            // Interim responses (103 Early Hints, ...) are passed on as they come.
+            let mut answered = answered;
+            while let Ok(resp) = &answered
+                && resp.status < 200
+            {
+                // The instance is answering: never sent twice from here on.
+                retry = false;
+                let up = self.up.as_mut().expect("a response came from it");
+                self.out.clear();
+                write_response_head(&mut self.out, &up.buf[..resp.len], false, false);
+                up.buf.drain(..resp.len);
+                if self.client.write_all(&self.out).await.is_err() {
+                    return Err(());
+                }
+                answered = read_response_head(up).await;
+            }
             // Nothing at all came back: the instance cannot have started to answer.
             let silent = self.up.as_ref().is_some_and(|up| up.buf.is_empty());
             match answered {
@@ -443,33 +459,8 @@ impl Conn<'_> {
         }
         // The head, rewritten, then as much of the body as was read with it: one write.
         self.out.clear();
-        {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut headers);
-            let _ = parsed.parse(&up.buf[..resp.len]);
-            // HTTP/1.1 towards the client whatever the instance speaks (HTTP/1.0 servers such
-            // as Python's http.server): the framing below is what keeps it right.
-            self.out.extend_from_slice(b"HTTP/1.1 ");
-            self.out
-                .extend_from_slice(resp.status.to_string().as_bytes());
-            self.out.push(b' ');
-            self.out
-                .extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
-            self.out.extend_from_slice(b"\r\n");
-            let headers = &*parsed.headers;
-            for h in headers {
-                let keep_te = h.name.eq_ignore_ascii_case("transfer-encoding")
-                    && matches!(framing, Framing::Chunked(_));
-                if hop_by_hop(headers, h.name) && !keep_te {
-                    continue;
-                }
-                header_line(&mut self.out, h.name.as_bytes(), h.value);
-            }
-        }
-        if close_client {
-            self.out.extend_from_slice(b"connection: close\r\n");
-        }
-        self.out.extend_from_slice(b"\r\n");
+        let chunked = matches!(framing, Framing::Chunked(_));
+        write_response_head(&mut self.out, &up.buf[..resp.len], chunked, close_client);
         up.buf.drain(..resp.len);
         let mut framing = framing;
         let now = framing.take(&up.buf).map_err(drop)?;
@@ -507,6 +498,34 @@ impl Conn<'_> {
         }
         Ok(true)
     }
+}
+
+/// Appends the response head `head` as the client gets it: HTTP/1.1 whatever the instance speaks
+/// (HTTP/1.0 servers such as Python's http.server; the framing kept is what keeps that right),
+/// hop-by-hop headers out except a `Transfer-Encoding` whose chunked framing is passed on as it
+/// is, and `Connection: close` if the client connection ends after it.
+fn write_response_head(out: &mut Vec<u8>, head: &[u8], chunked: bool, close: bool) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    // Parsed before: the same bytes parse the same way.
+    let _ = parsed.parse(head);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parsed.code.unwrap_or(502).to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let headers = &*parsed.headers;
+    for h in headers {
+        let keep_te = chunked && h.name.eq_ignore_ascii_case("transfer-encoding");
+        if hop_by_hop(headers, h.name) && !keep_te {
+            continue;
+        }
+        header_line(out, h.name.as_bytes(), h.value);
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends `name: value\r\n`.
@@ -563,9 +582,8 @@ struct ResponseHead {
     close: bool,
 }
 
-/// Reads a final response head (interim 1xx ones other than 101 are not expected: requests
-/// with `Expect` go the hyper way) into the start of `up.buf`. `Err`: the connection ended
-/// or failed before a head, or the head is not one we can pass on.
+/// Reads a response head (final or interim) into the start of `up.buf`. `Err`: the connection
+/// ended or failed before a head, or the head is not one we can pass on.
 async fn read_response_head(up: &mut Up) -> Result<ResponseHead, ()> {
     loop {
         if !up.buf.is_empty() {
@@ -586,8 +604,8 @@ async fn read_response_head(up: &mut Up) -> Result<ResponseHead, ()> {
 
 fn response_head(resp: &httparse::Response<'_, '_>, len: usize) -> Result<ResponseHead, ()> {
     let status = resp.code.ok_or(())?;
-    if !(200..600).contains(&status) {
-        // Interim or switching responses: not passed through here.
+    if !(100..600).contains(&status) || status == 101 {
+        // Switching protocols was not asked for: requests that ask go the hyper way.
         return Err(());
     }
     let headers = &*resp.headers;
