@@ -85,6 +85,9 @@ impl Watched {
         let kept = Path::new(OsStr::from_bytes(self.paths.get(s)));
         if kept.is_absolute() {
             kept.to_path_buf()
+        } else if kept.as_os_str().is_empty() {
+            // The root itself (joining "" would add a trailing slash).
+            self.base.clone()
         } else {
             self.base.join(kept)
         }
