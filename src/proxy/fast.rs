@@ -517,7 +517,10 @@ fn write_response_head(out: &mut Vec<u8>, head: &[u8], chunked: bool, close: boo
     let headers = &*parsed.headers;
     for h in headers {
         let keep_te = chunked && h.name.eq_ignore_ascii_case("transfer-encoding");
-        if hop_by_hop(headers, h.name) && !keep_te {
+        if hop_by_hop(headers, h.name) && !keep_te
+            // A length beside chunked framing is wrong, and the framing wins.
+            || chunked && h.name.eq_ignore_ascii_case("content-length")
+        {
             continue;
         }
         header_line(out, h.name.as_bytes(), h.value);
