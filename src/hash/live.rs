@@ -7,11 +7,12 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use xxhash_rust::xxh3::Xxh3;
+
 use super::cache::DigestCache;
 use super::rules::{IGNORE_FILES, Level, always_excluded};
 use super::walk::{self, Stats, WalkOutput};
 use super::{BuildId, CACHE_FILE, HashError, HashSpec, IdHasher, Recipe};
-use xxhash_rust::xxh3::Xxh3;
 
 mod dirs;
 mod entries;
