@@ -481,7 +481,15 @@ impl Engine {
         };
         self.update_watches(&change);
         if let Some(early) = early {
+            // Files that appeared for the read-ahead and are gone again (an editor's or sed's
+            // temporary file, renamed over its target) never took part.
+            let tree = self.tree();
+            let transient: Vec<String> = (early.added.iter())
+                .filter(|p| !tree.has_entry(p))
+                .cloned()
+                .collect();
             merge(&mut change, early);
+            change.changed.retain(|p| !transient.contains(p));
         }
         let Change {
             changed,
@@ -781,4 +789,5 @@ fn merge(into: &mut Change, other: Change) {
     into.changed.dedup();
     into.warnings.extend(other.warnings);
     into.rules_reloaded |= other.rules_reloaded;
+    into.added.extend(other.added);
 }

@@ -111,6 +111,22 @@ fn atomic_saves_new_directories_deletes_and_renames_are_seen() {
     w.next_build("app");
     assert_eq!(t.read("app/.run/src/main.txt"), "saved atomically\n");
 
+    // The same with a pause before the rename, so that the temporary file is read while the
+    // debounce runs: it came and went, and is no part of what changed.
+    t.write("app/src/main.txt.tmp-sed", "saved slowly\n");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::rename(
+        t.join("app/src/main.txt.tmp-sed"),
+        t.join("app/src/main.txt"),
+    )
+    .expect("rename");
+    let s = w
+        .wait_for(10.0, |e| e["event"] == "build_started")
+        .expect("build");
+    assert_eq!(changed_of(&s), vec!["src/main.txt"]);
+    w.next_build("app");
+    assert_eq!(t.read("app/.run/src/main.txt"), "saved slowly\n");
+
     // A new nested directory with a file, created at once.
     t.write("app/src/a/b/c/deep.txt", "deep\n");
     let s = w

@@ -31,6 +31,9 @@ pub struct Change {
     pub warnings: Vec<String>,
     /// An ignore file changed, so the whole tree was filtered again.
     pub rules_reloaded: bool,
+    /// Of `changed`, the paths that had no entry before and have one now (from [`LiveTree::apply`]
+    /// only): a later update that finds one gone again can tell it never took part.
+    pub added: Vec<String>,
 }
 
 /// The hashed tree of one service, kept current by [`LiveTree::apply`].
@@ -182,6 +185,11 @@ impl LiveTree {
         self.entries.len()
     }
 
+    /// Whether the path `rel` (relative, `/`) is an entry of the tree.
+    pub fn has_entry(&self, rel: &str) -> bool {
+        self.entries.get(rel.as_bytes()).is_some()
+    }
+
     /// How many directories take part.
     pub fn dirs(&self) -> usize {
         self.dirs.len()
@@ -216,6 +224,7 @@ impl LiveTree {
     pub fn apply(&mut self, paths: &[PathBuf]) -> Result<Change, HashError> {
         let mut change = Change::default();
         let mut changed = BTreeSet::new();
+        let mut added: Vec<Box<[u8]>> = Vec::new();
         let mut rules = false;
         for p in paths {
             if !self.concerns(p) {
@@ -263,6 +272,7 @@ impl LiveTree {
                 )?;
                 for e in out.entries {
                     self.entries.insert(&e);
+                    added.push(e.path.clone());
                     changed.insert(e.path);
                 }
                 for (d, l) in out.dirs {
@@ -294,7 +304,11 @@ impl LiveTree {
             self.cache_dirty = true;
             match entry {
                 Some(e) => {
-                    if self.entries.get(&rel_b) != Some(e.as_ref()) {
+                    let old = self.entries.get(&rel_b);
+                    if old != Some(e.as_ref()) {
+                        if old.is_none() {
+                            added.push(rel_b.clone());
+                        }
                         changed.insert(rel_b.clone());
                         self.entries.insert(&e);
                     }
@@ -311,6 +325,16 @@ impl LiveTree {
             full.warnings.extend(change.warnings);
             return Ok(full);
         }
+        // A path that came and went within this update never took part.
+        for p in &added {
+            if self.entries.get(p).is_none() {
+                changed.remove(p);
+            }
+        }
+        change.added = (added.iter())
+            .filter(|p| changed.contains(*p))
+            .map(|p| lossy(p))
+            .collect();
         change.changed = changed.iter().map(|p| lossy(p)).collect();
         let from = changed
             .iter()
