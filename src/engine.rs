@@ -106,6 +106,9 @@ struct Engine {
     /// What the paths of a quiet period's first events changed, read at once (see
     /// [`Engine::read_ahead`]); taken when the period ends.
     early: Option<Change>,
+    /// `decide` was called while `early` was pending: the period's end must decide, whatever
+    /// it finds.
+    deferred: bool,
     /// Paths changed since the last build started, for `build_started`.
     changed: BTreeSet<String>,
     guard: LoopGuard,
@@ -214,6 +217,7 @@ pub async fn run(
         rescan: None,
         deadline: None,
         early: None,
+        deferred: false,
         changed: BTreeSet::new(),
         guard: LoopGuard::default(),
         server,
@@ -476,6 +480,9 @@ impl Engine {
                 if let Some(early) = early {
                     self.changed.extend(early.changed);
                 }
+                if self.deferred {
+                    self.decide();
+                }
                 return Ok(());
             }
         };
@@ -504,6 +511,9 @@ impl Engine {
             self.guard = LoopGuard::default();
         }
         if changed.is_empty() {
+            if self.deferred {
+                self.decide();
+            }
             return Ok(());
         }
         let self_triggered = changed
@@ -540,8 +550,10 @@ impl Engine {
     fn decide(&mut self) {
         if self.early.is_some() {
             // The tree is ahead of what was decided on: the quiet period's end decides.
+            self.deferred = true;
             return;
         }
+        self.deferred = false;
         let id = self.tree().id();
         if let Some(b) = &self.building {
             if b.id != id && !b.cancel.is_cancelled() {

@@ -2,6 +2,7 @@
 //! the newest tree; ignored files, same-content saves and touches lead to none.
 
 use std::fs;
+use std::time::{Duration, Instant};
 
 use crate::util::*;
 
@@ -70,7 +71,7 @@ fn edits_build_once_and_ignored_or_unchanged_files_do_not() {
     // A burst of writes is one build of the last content.
     for i in 0..20 {
         t.write("app/src/main.txt", &format!("burst {i}\n"));
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
     w.next_build("app");
     let after = w.quiet_for(0.8);
@@ -114,7 +115,7 @@ fn atomic_saves_new_directories_deletes_and_renames_are_seen() {
     // The same with a pause before the rename, so that the temporary file is read while the
     // debounce runs: it came and went, and is no part of what changed.
     t.write("app/src/main.txt.tmp-sed", "saved slowly\n");
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(20));
     fs::rename(
         t.join("app/src/main.txt.tmp-sed"),
         t.join("app/src/main.txt"),
@@ -266,6 +267,50 @@ fn a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree() {
         );
     }
     assert!(!root.join(".build").exists());
+    assert_eq!(w.interrupt(), Some(0));
+}
+
+#[test]
+fn a_build_ending_while_an_unchanged_save_is_debounced_still_leads_to_the_newest_build() {
+    // A stale build that takes 2 s to die (it ignores SIGTERM), and an unchanged save whose
+    // quiet period is open when it does: the decision its end asked for must still be made.
+    let t = Tmp::new();
+    let marker = format!("pmesh-stubborn-{}", std::process::id());
+    one_service(
+        &t,
+        &[
+            "cp v.txt \"$PMESH_BUILD_DIR/\"",
+            &format!("if grep -q slow v.txt; then trap '' TERM; sleep 30; fi # {marker}"),
+        ],
+        "debounce = \"1s\"",
+    );
+    t.write("app/v.txt", "fast 1\n");
+    t.write("app/other.txt", "same\n");
+    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    w.next_build("app");
+
+    t.write("app/v.txt", "slow\n");
+    w.wait_for(10.0, |e| e["event"] == "build_started")
+        .expect("the slow build starts");
+    assert!(
+        wait_for(10.0, || process_alive(&marker)),
+        "the slow step runs"
+    );
+    t.write("app/v.txt", "fast 2\n");
+    let edited = Instant::now();
+    // The cancel is sent when the 1 s quiet period ends, SIGKILL follows 2 s later: rewrite
+    // a file unchanged so that its quiet period spans that moment.
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(edited.elapsed()));
+    t.write("app/other.txt", "same\n");
+    let started = w
+        .wait_for(8.0, |e| {
+            e["event"] == "build_started" && changed_of(e).contains(&"v.txt".to_owned())
+        })
+        .unwrap_or_else(|| panic!("the newest tree was not built: {:#?}", kinds(&w.seen)));
+    assert_eq!(started["service"], "app");
+    let done = w.next_build("app");
+    assert_eq!(done["ok"], true);
+    assert_eq!(t.read("app/.run/v.txt"), "fast 2\n");
     assert_eq!(w.interrupt(), Some(0));
 }
 
