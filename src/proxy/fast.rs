@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{HOP_BY_HOP, InFlight, Proxy, Target, UPSTREAM_IDLE, Upstream, connect, error_page};
+use super::{HOP_BY_HOP, InFlight, Proxy, Target, UPSTREAM_IDLE, Upstream, connect};
 
 /// The most headers a message may have here; more go to the hyper path.
 const MAX_HEADERS: usize = 96;
@@ -49,8 +49,11 @@ struct Conn<'a> {
     /// Bytes read from the client and not handled yet.
     cbuf: Vec<u8>,
     up: Option<Up>,
-    /// Scratch for heads written out.
-    out: Vec<u8>,
+    /// The request as it goes to the instance: rewritten head and the body read with it. Kept
+    /// until a response starts, for a retry.
+    req_out: Vec<u8>,
+    /// The response head (and start of body) as it goes to the client.
+    resp_out: Vec<u8>,
 }
 
 /// The upstream connection of a client connection.
@@ -87,7 +90,8 @@ pub(super) async fn serve(
         peer_ip,
         cbuf: Vec::with_capacity(CHUNK),
         up: None,
-        out: Vec::with_capacity(1024),
+        req_out: Vec::with_capacity(1024),
+        resp_out: Vec::with_capacity(1024),
     };
     loop {
         match conn.next_request(stop).await {
@@ -131,13 +135,20 @@ fn connection_tokens<'h>(headers: &'h [httparse::Header<'h>]) -> impl Iterator<I
         .filter(|t| !t.is_empty())
 }
 
+/// Whether `headers` has a `Connection` header (which may name more hop-by-hop headers).
+fn names_hops(headers: &[httparse::Header<'_>]) -> bool {
+    headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("connection"))
+}
+
 /// Whether the header `name` describes one hop only: a fixed hop-by-hop header, or one that
-/// `Connection` names.
-fn hop_by_hop(headers: &[httparse::Header<'_>], name: &str) -> bool {
+/// `Connection` names (looked for only if `named`, from [`names_hops`]).
+fn hop_by_hop(headers: &[httparse::Header<'_>], named: bool, name: &str) -> bool {
     HOP_BY_HOP
         .iter()
         .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-        || connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+        || named && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -145,6 +156,46 @@ fn parse_length(v: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// The request head's facts, or `None` for anything the hyper path handles.
+fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> {
+    let (method, path) = (req.method?, req.path?);
+    if req.version != Some(1) || !path.starts_with('/') {
+        return None;
+    }
+    let headers = &*req.headers;
+    let mut close = false;
+    for t in connection_tokens(headers) {
+        if t.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if t.eq_ignore_ascii_case(b"upgrade") {
+            return None;
+        }
+    }
+    for h in headers {
+        let n = h.name;
+        if n.eq_ignore_ascii_case("transfer-encoding")
+            || n.eq_ignore_ascii_case("upgrade")
+            || n.eq_ignore_ascii_case("expect")
+        {
+            return None;
+        }
+    }
+    let body = match only(headers, "content-length").ok()? {
+        Some(v) => parse_length(v)?,
+        None => 0,
+    };
+    if body > MAX_BODY {
+        return None;
+    }
+    Some(RequestHead {
+        len,
+        body,
+        close,
+        head_method: method == "HEAD",
+        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
+    })
 }
 
 impl Conn<'_> {
@@ -156,10 +207,15 @@ impl Conn<'_> {
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&self.cbuf) {
                     Ok(httparse::Status::Complete(len)) => {
-                        return match self.classify(&req, len) {
-                            Some(head) => self.route(head),
-                            None => Next::HandOver,
+                        let Some(head) = classify(&req, len) else {
+                            return Next::HandOver;
                         };
+                        let Some(in_flight) = self.live() else {
+                            return Next::HandOver;
+                        };
+                        let addr = in_flight.upstream().addr();
+                        write_request_head(&mut self.req_out, &req, self.peer_ip, addr);
+                        return Next::Request(head, in_flight);
                     }
                     Ok(httparse::Status::Partial) if self.cbuf.len() < MAX_HEAD => {}
                     _ => return Next::HandOver,
@@ -190,53 +246,12 @@ impl Conn<'_> {
         }
     }
 
-    /// The request head's facts, or `None` for anything the hyper path handles.
-    fn classify(&self, req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> {
-        let (method, path) = (req.method?, req.path?);
-        if req.version != Some(1) || !path.starts_with('/') {
-            return None;
-        }
-        let headers = &*req.headers;
-        let mut close = false;
-        for t in connection_tokens(headers) {
-            if t.eq_ignore_ascii_case(b"close") {
-                close = true;
-            } else if t.eq_ignore_ascii_case(b"upgrade") {
-                return None;
-            }
-        }
-        for h in headers {
-            let n = h.name;
-            if n.eq_ignore_ascii_case("transfer-encoding")
-                || n.eq_ignore_ascii_case("upgrade")
-                || n.eq_ignore_ascii_case("expect")
-            {
-                return None;
-            }
-        }
-        let body = match only(headers, "content-length").ok()? {
-            Some(v) => parse_length(v)?,
-            None => 0,
-        };
-        if body > MAX_BODY {
-            return None;
-        }
-        Some(RequestHead {
-            len,
-            body,
-            close,
-            head_method: method == "HEAD",
-            idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
-        })
-    }
-
-    /// The live instance for this request, counted on it; any other state of the service is
+    /// The live instance, with this request counted on it; any other state of the service is
     /// the hyper path's to answer (it waits while starting, and renders the pages).
-    fn route(&self, head: RequestHead) -> Next {
-        let target = self.proxy.switch.tx.borrow();
-        match &*target {
-            Target::Live(upstream) => Next::Request(head, upstream.enter()),
-            _ => Next::HandOver,
+    fn live(&self) -> Option<InFlight> {
+        match &*self.proxy.switch.tx.borrow() {
+            Target::Live(upstream) => Some(upstream.enter()),
+            _ => None,
         }
     }
 
@@ -265,141 +280,89 @@ impl Conn<'_> {
         Ok(false)
     }
 
-    /// Writes the request head for the instance into `out`, with the start of the body that
-    /// was read with it (`body_now` bytes).
-    fn write_request(&mut self, head: &RequestHead, body_now: usize, addr: &str) {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        // Parsed before: the same bytes parse the same way.
-        let _ = req.parse(&self.cbuf[..head.len]);
-        let out = &mut self.out;
-        out.clear();
-        out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        let headers = &*req.headers;
-        let mut host = None;
-        let mut forwarded_for: Vec<&[u8]> = Vec::new();
-        for h in headers {
-            if h.name.eq_ignore_ascii_case("x-forwarded-for") {
-                forwarded_for.push(h.value);
-                continue;
-            }
-            if h.name.eq_ignore_ascii_case("host") {
-                host = Some(h.value);
-            }
-            if hop_by_hop(headers, h.name)
-                || h.name.eq_ignore_ascii_case("x-forwarded-proto")
-                || h.name.eq_ignore_ascii_case("x-forwarded-host")
-            {
-                continue;
-            }
-            header_line(out, h.name.as_bytes(), h.value);
-        }
-        out.extend_from_slice(b"x-forwarded-for: ");
-        for v in forwarded_for {
-            out.extend_from_slice(v);
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(self.peer_ip.as_bytes());
-        out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-        match host {
-            Some(host) => header_line(out, b"x-forwarded-host", host),
-            // HTTP/1.1 requires it; an instance may rely on it.
-            None => header_line(out, b"host", addr.as_bytes()),
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&self.cbuf[head.len..head.len + body_now]);
-    }
-
-    /// Forwards one request and its response. `Ok(true)`: the connection goes on.
+    /// Forwards one request (its head already in `req_out`) and its response. `Ok(true)`: the
+    /// connection goes on.
     async fn forward(&mut self, head: RequestHead, in_flight: InFlight) -> Result<bool, ()> {
         let upstream = in_flight.upstream().clone();
-        let addr = upstream.addr().to_string();
         let buffered = self.cbuf.len() - head.len;
         let body_now = usize::try_from(head.body).map_or(buffered, |b| b.min(buffered));
-        self.write_request(&head, body_now, &addr);
+        self.req_out
+            .extend_from_slice(&self.cbuf[head.len..head.len + body_now]);
         self.cbuf.drain(..head.len + body_now);
         let mut body_left = head.body - body_now as u64;
         // Sent twice only if it cannot have been acted on: the kept connection turned out to
         // be closed (an instance closing an idle connection) before any answer, and the whole
         // request is still at hand.
         let mut retry = head.idempotent && body_left == 0;
-        loop {
+        let failure = loop {
             let reused = match self.upstream_for(&upstream).await {
                 Ok(reused) => reused,
-                Err(e) => {
-                    drop(in_flight);
-                    let detail = format!("The instance at {addr} did not answer: {e}");
-                    return self.drain_and_fail(&head, body_left, &detail).await;
-                }
+                Err(e) => break Failed::Answer(format!("did not answer: {e}")),
             };
             let up = self.up.as_mut().expect("just set");
-            let sent = up.stream.write_all(&self.out).await;
-            let answered = match sent {
+            let mut answered = match up.stream.write_all(&self.req_out).await {
                 Ok(()) if body_left > 0 => {
                     // The rest of the body streams through; from here on there is no retry.
                     retry = false;
                     match copy_exact(self.client, &mut up.stream, body_left, &mut self.cbuf).await {
                         Ok(()) => {
                             body_left = 0;
-                            read_response_head(up).await
+                            read_response_head(up, &head, &mut self.resp_out).await
                         }
                         Err(Copy::Read) => return Err(()),
-                        Err(Copy::Write) => {
-                            // Part of the body is gone: answer, and end the connection.
-                            self.up = None;
-                            drop(in_flight);
-                            let detail = format!(
-                                "The instance at {addr} closed the connection while the \
-                                 request body was being sent"
-                            );
-                            let close = RequestHead {
-                                close: true,
-                                ..head
-                            };
-                            self.fail(&close, &detail).await?;
-                            return Ok(false);
-                        }
+                        // Part of the body is gone: answer, and end the connection.
+                        Err(Copy::Write) => break Failed::Close,
                     }
                 }
-                Ok(()) => read_response_head(up).await,
+                Ok(()) => read_response_head(up, &head, &mut self.resp_out).await,
                 Err(_) => Err(()),
             };
             // Interim responses (103 Early Hints, ...) are passed on as they come.
-            let mut answered = answered;
             while let Ok(resp) = &answered
                 && resp.status < 200
             {
                 // The instance is answering: never sent twice from here on.
                 retry = false;
                 let up = self.up.as_mut().expect("a response came from it");
-                self.out.clear();
-                write_response_head(&mut self.out, &up.buf[..resp.len], false, false);
                 up.buf.drain(..resp.len);
-                if self.client.write_all(&self.out).await.is_err() {
+                if self.client.write_all(&self.resp_out).await.is_err() {
                     return Err(());
                 }
-                answered = read_response_head(up).await;
+                answered = read_response_head(up, &head, &mut self.resp_out).await;
             }
             // Nothing at all came back: the instance cannot have started to answer.
             let silent = self.up.as_ref().is_some_and(|up| up.buf.is_empty());
             match answered {
-                Ok(resp) => return self.respond(&head, resp, in_flight).await,
-                Err(()) if reused && retry && silent => {
-                    retry = false;
-                    self.up = None;
-                }
+                Ok(resp) => return self.respond(resp, in_flight).await,
+                Err(()) if reused && retry && silent => retry = false,
                 Err(()) => {
-                    self.up = None;
-                    drop(in_flight);
-                    let detail = format!(
-                        "The instance at {addr} did not answer: the connection closed before a \
-                         response"
+                    break Failed::Answer(
+                        "did not answer: the connection closed before a response".to_owned(),
                     );
-                    return self.drain_and_fail(&head, body_left, &detail).await;
                 }
+            }
+            self.up = None;
+        };
+        // The instance is no longer counted on for this request once the 502 is written.
+        self.up = None;
+        drop(in_flight);
+        let addr = upstream.addr();
+        match failure {
+            Failed::Answer(why) => {
+                self.drain_and_fail(&head, body_left, &format!("The instance at {addr} {why}"))
+                    .await
+            }
+            Failed::Close => {
+                let detail = format!(
+                    "The instance at {addr} closed the connection while the request body was \
+                     being sent"
+                );
+                let close = RequestHead {
+                    close: true,
+                    ..head
+                };
+                self.fail(&close, &detail).await?;
+                Ok(false)
             }
         }
     }
@@ -424,11 +387,12 @@ impl Conn<'_> {
 
     /// Answers 502 with the proxy's page.
     async fn fail(&mut self, head: &RequestHead, detail: &str) -> Result<(), ()> {
-        let html = error_page(&self.proxy.service, "unreachable", detail, &[]);
-        let out = &mut self.out;
+        use std::io::Write;
+        let html = self.proxy.failure_page(detail);
+        let out = &mut self.resp_out;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html; charset=utf-8\r\ncache-control: no-store\r\n");
-        header_line(out, b"content-length", html.len().to_string().as_bytes());
+        let _ = write!(out, "content-length: {}\r\n", html.len());
         if head.close {
             out.extend_from_slice(b"connection: close\r\n");
         }
@@ -436,37 +400,20 @@ impl Conn<'_> {
         if !head.head_method {
             out.extend_from_slice(html.as_bytes());
         }
-        self.client.write_all(&self.out).await.map_err(drop)
+        self.client.write_all(&self.resp_out).await.map_err(drop)
     }
 
-    /// Sends the response whose head is at the start of the upstream buffer, and its body.
-    async fn respond(
-        &mut self,
-        req: &RequestHead,
-        resp: ResponseHead,
-        in_flight: InFlight,
-    ) -> Result<bool, ()> {
+    /// Sends the response whose head is at the start of the upstream buffer (and rewritten in
+    /// `resp_out`), and its body.
+    async fn respond(&mut self, resp: ResponseHead, in_flight: InFlight) -> Result<bool, ()> {
         let up = self.up.as_mut().expect("a response came from it");
-        let mut close_client = req.close;
-        let framing = if req.head_method || resp.status == 204 || resp.status == 304 {
-            Framing::Length(0)
-        } else {
-            resp.framing
-        };
-        if matches!(framing, Framing::UntilClose) {
-            // The end of the body is the end of the connection, on both sides.
-            close_client = true;
-        }
-        // The head, rewritten, then as much of the body as was read with it: one write.
-        self.out.clear();
-        let chunked = matches!(framing, Framing::Chunked(_));
-        write_response_head(&mut self.out, &up.buf[..resp.len], chunked, close_client);
+        let mut framing = resp.framing;
+        // The head, then as much of the body as was read with it: one write.
         up.buf.drain(..resp.len);
-        let mut framing = framing;
         let now = framing.take(&up.buf).map_err(drop)?;
-        self.out.extend_from_slice(&up.buf[..now]);
+        self.resp_out.extend_from_slice(&up.buf[..now]);
         up.buf.drain(..now);
-        self.client.write_all(&self.out).await.map_err(drop)?;
+        self.client.write_all(&self.resp_out).await.map_err(drop)?;
         // The rest of the body.
         loop {
             if framing.done() {
@@ -492,7 +439,7 @@ impl Conn<'_> {
         } else {
             up.since = Instant::now();
         }
-        if close_client {
+        if resp.close_client {
             let _ = self.client.shutdown().await;
             return Ok(false);
         }
@@ -500,24 +447,78 @@ impl Conn<'_> {
     }
 }
 
-/// Appends the response head `head` as the client gets it: HTTP/1.1 whatever the instance speaks
+/// Writes the head of `req` as it goes to the instance at `addr` into `out`: hop-by-hop
+/// headers out, `X-Forwarded-For` (appending the client), `-Proto` and `-Host` set, and `Host`
+/// if the client left it out.
+fn write_request_head(
+    out: &mut Vec<u8>,
+    req: &httparse::Request<'_, '_>,
+    peer_ip: &str,
+    addr: std::net::SocketAddr,
+) {
+    use std::io::Write;
+    out.clear();
+    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let headers = &*req.headers;
+    let named = names_hops(headers);
+    let mut host = None;
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for.push(h.value);
+            continue;
+        }
+        if h.name.eq_ignore_ascii_case("host") {
+            host = Some(h.value);
+        }
+        if hop_by_hop(headers, named, h.name)
+            || h.name.eq_ignore_ascii_case("x-forwarded-proto")
+            || h.name.eq_ignore_ascii_case("x-forwarded-host")
+        {
+            continue;
+        }
+        header_line(out, h.name.as_bytes(), h.value);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in forwarded_for {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    match host {
+        Some(host) => header_line(out, b"x-forwarded-host", host),
+        // HTTP/1.1 requires it; an instance may rely on it.
+        None => {
+            let _ = write!(out, "host: {addr}\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the response head `resp` as the client gets it: HTTP/1.1 whatever the instance speaks
 /// (HTTP/1.0 servers such as Python's http.server; the framing kept is what keeps that right),
 /// hop-by-hop headers out except a `Transfer-Encoding` whose chunked framing is passed on as it
 /// is, and `Connection: close` if the client connection ends after it.
-fn write_response_head(out: &mut Vec<u8>, head: &[u8], chunked: bool, close: bool) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    // Parsed before: the same bytes parse the same way.
-    let _ = parsed.parse(head);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parsed.code.unwrap_or(502).to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
+fn write_response_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    status: u16,
+    chunked: bool,
+    close: bool,
+) {
+    use std::io::Write;
+    let _ = write!(out, "HTTP/1.1 {status} ");
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let headers = &*parsed.headers;
+    let headers = &*resp.headers;
+    let named = names_hops(headers);
     for h in headers {
         let keep_te = chunked && h.name.eq_ignore_ascii_case("transfer-encoding");
-        if hop_by_hop(headers, h.name) && !keep_te
+        if hop_by_hop(headers, named, h.name) && !keep_te
             // A length beside chunked framing is wrong, and the framing wins.
             || chunked && h.name.eq_ignore_ascii_case("content-length")
         {
@@ -580,20 +581,28 @@ struct ResponseHead {
     /// Length of the head at the start of the upstream buffer.
     len: usize,
     status: u16,
+    /// How its body ends (no body for a HEAD request, 204, 304 or an interim response).
     framing: Framing,
     /// The instance closes the connection after it.
     close: bool,
+    /// The client connection ends after it.
+    close_client: bool,
 }
 
-/// Reads a response head (final or interim) into the start of `up.buf`. `Err`: the connection
-/// ended or failed before a head, or the head is not one we can pass on.
-async fn read_response_head(up: &mut Up) -> Result<ResponseHead, ()> {
+/// Reads a response head (final or interim) into the start of `up.buf`, and writes it as the
+/// client gets it into `out`. `Err`: the connection ended or failed before a head, or the head
+/// is not one we can pass on (`out` is then left as it was).
+async fn read_response_head(
+    up: &mut Up,
+    req: &RequestHead,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, ()> {
     loop {
         if !up.buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut resp = httparse::Response::new(&mut headers);
             match resp.parse(&up.buf) {
-                Ok(httparse::Status::Complete(len)) => return response_head(&resp, len),
+                Ok(httparse::Status::Complete(len)) => return response_head(&resp, len, req, out),
                 Ok(httparse::Status::Partial) if up.buf.len() < MAX_HEAD => {}
                 _ => return Err(()),
             }
@@ -605,7 +614,12 @@ async fn read_response_head(up: &mut Up) -> Result<ResponseHead, ()> {
     }
 }
 
-fn response_head(resp: &httparse::Response<'_, '_>, len: usize) -> Result<ResponseHead, ()> {
+fn response_head(
+    resp: &httparse::Response<'_, '_>,
+    len: usize,
+    req: &RequestHead,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, ()> {
     let status = resp.code.ok_or(())?;
     if !(100..600).contains(&status) || status == 101 {
         // Switching protocols was not asked for: requests that ask go the hyper way.
@@ -618,13 +632,13 @@ fn response_head(resp: &httparse::Response<'_, '_>, len: usize) -> Result<Respon
     } else {
         !connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
     };
-    let te: Vec<&[u8]> = headers
+    let te = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
         .flat_map(|h| h.value.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .collect();
-    let framing = if let Some(last) = te.last() {
+        .next_back();
+    let framing = if let Some(last) = te {
         if last.eq_ignore_ascii_case(b"chunked") {
             Framing::Chunked(Chunked::default())
         } else {
@@ -636,12 +650,32 @@ fn response_head(resp: &httparse::Response<'_, '_>, len: usize) -> Result<Respon
             None => Framing::UntilClose,
         }
     };
+    let interim = status < 200;
+    let framing = if interim || req.head_method || status == 204 || status == 304 {
+        Framing::Length(0)
+    } else {
+        framing
+    };
+    // The end of the body is the end of the connection, on both sides.
+    let close_client = !interim && (req.close || matches!(framing, Framing::UntilClose));
+    out.clear();
+    let chunked = matches!(framing, Framing::Chunked(_));
+    write_response_head(out, resp, status, chunked, close_client);
     Ok(ResponseHead {
         len,
         status,
         framing,
         close,
+        close_client,
     })
+}
+
+/// Why a request got no answer from its instance.
+enum Failed {
+    /// The client gets a 502 saying the instance `…` (the rest of the sentence).
+    Answer(String),
+    /// The instance closed while the body was being sent: a 502, then the connection ends.
+    Close,
 }
 
 /// How the end of a response body is found.
