@@ -123,6 +123,57 @@ pub async fn run_steps(
     Ok(())
 }
 
+/// `sh -c script` for `svc`: in the service root, in a process group of its own (registered
+/// with the guardian, so that it never outlives pmesh-dev), stdin empty, stdout and stderr into
+/// one pipe (which keeps their lines in the order they were written), with `PMESH_BUILD_ID`,
+/// `PMESH_SERVICE` and `vars` set and the manifest's `env` over them all. Returns the command and
+/// the pipe's read end; the command must be dropped once spawned, or the reader never sees the
+/// pipe's end.
+pub(crate) fn shell(
+    svc: &Service,
+    script: &str,
+    id: BuildId,
+    vars: &[(&str, &std::ffi::OsStr)],
+) -> io::Result<(Command, io::PipeReader)> {
+    let (reader, writer) = io::pipe()?;
+    let writer2 = writer.try_clone()?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .current_dir(&svc.root)
+        .env("PMESH_BUILD_ID", id.to_string())
+        .env("PMESH_SERVICE", &svc.name)
+        .envs(vars.iter().copied())
+        .envs(&svc.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::from(writer2))
+        .process_group(0);
+    if let Some(g) = Guardian::get() {
+        g.register_in_child(&mut cmd);
+    }
+    Ok((cmd, reader))
+}
+
+/// Calls `f` with each line read from `reader` (lossy UTF-8, line end trimmed) until the end,
+/// an error, or `f` returning false.
+pub(crate) fn each_line(reader: impl io::Read, mut f: impl FnMut(String) -> bool) {
+    let mut r = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                if !f(line.trim_end_matches(['\n', '\r']).to_owned()) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 async fn run_step(
     svc: &Service,
     step: &str,
@@ -136,48 +187,17 @@ async fn run_step(
         step: step.to_owned(),
         error,
     };
-    // One pipe for stdout and stderr keeps their lines in the order they were written.
-    let (reader, writer) = io::pipe().map_err(spawn_err)?;
-    let writer2 = writer.try_clone().map_err(spawn_err)?;
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(step)
-        .current_dir(&svc.root)
-        .env("PMESH_BUILD_DIR", build_dir)
-        .env("PMESH_BUILD_ID", id.to_string())
-        .env("PMESH_SERVICE", &svc.name)
-        .envs(&svc.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(writer))
-        .stderr(Stdio::from(writer2))
-        .process_group(0);
+    let (mut cmd, reader) =
+        shell(svc, step, id, &[("PMESH_BUILD_DIR", build_dir.as_os_str())]).map_err(spawn_err)?;
     let guardian = Guardian::get();
-    if let Some(g) = guardian {
-        g.register_in_child(&mut cmd);
-    }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     // Our copies of the pipe's write end must be gone, or the reader never sees its end.
     drop(cmd);
     let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
 
     let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let read_thread = std::thread::spawn(move || {
-        let mut r = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).to_owned();
-                    if lines_tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
+    let read_thread =
+        std::thread::spawn(move || each_line(reader, |line| lines_tx.send(line).is_ok()));
 
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
     let mut on_line = |line: String| {

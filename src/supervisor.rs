@@ -9,18 +9,17 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::builder::describe_status;
+use crate::builder::{describe_status, each_line, shell};
 use crate::event::{Event, EventKind};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
@@ -120,25 +119,17 @@ impl Instance {
             .ok_or_else(|| anyhow::anyhow!("service `{}` has no `run` command", svc.name))?;
         let port = free_port()?;
         let run_dir = store.root().join(archive);
-        let (reader, writer) = std::io::pipe()?;
-        let writer2 = writer.try_clone()?;
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(run)
-            .current_dir(&svc.root)
-            .env("PORT", port.to_string())
-            .env("HOST", "127.0.0.1")
-            .env("PMESH_BUILD_ID", id.to_string())
-            .env("PMESH_RUN_DIR", &run_dir)
-            .env("PMESH_SERVICE", &svc.name)
-            .envs(&svc.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(writer))
-            .stderr(Stdio::from(writer2))
-            .process_group(0);
-        if let Some(g) = Guardian::get() {
-            g.register_in_child(&mut cmd);
-        }
+        let port_text = port.to_string();
+        let (mut cmd, reader) = shell(
+            svc,
+            run,
+            id,
+            &[
+                ("PORT", port_text.as_ref()),
+                ("HOST", "127.0.0.1".as_ref()),
+                ("PMESH_RUN_DIR", run_dir.as_os_str()),
+            ],
+        )?;
         let mut child = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("service `{}`: cannot start `{run}`: {e}", svc.name))?;
@@ -155,17 +146,7 @@ impl Instance {
             let name = svc.name.clone();
             std::thread::spawn(move || {
                 let mut file = log_file.as_deref().and_then(open_log);
-                let mut r = BufReader::new(reader);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match r.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_owned();
+                each_line(reader, |line| {
                     if let Some(f) = &mut file {
                         let _ = writeln!(f, "[{port}] {line}");
                     }
@@ -179,7 +160,8 @@ impl Instance {
                             source: "run".to_owned(),
                         },
                     ));
-                }
+                    true
+                });
             });
         }
         let (exit_tx, exit) = watch::channel(None);
