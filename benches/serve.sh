@@ -100,7 +100,7 @@ EOF
 
 # ==============================================================================================
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$PMESH" "$WORK" "$PORT" "$SWAPS" "$LOAD_S" "$CMP_S" "$EDITS" "$NODE_RUNS" "$THREADS" \
+PMESH_BENCHES="$REPO/benches" python3 - "$PMESH" "$WORK" "$PORT" "$SWAPS" "$LOAD_S" "$CMP_S" "$EDITS" "$NODE_RUNS" "$THREADS" \
     "$CONNS" "$DEBOUNCE_MS" "$CORES" "$LOAD_BEFORE" "$NGINX_BIN" <<'PY' || true
 import http.client, json, os, re, select, signal, socket, statistics, subprocess, sys, time
 
@@ -120,81 +120,15 @@ def write_pid(name, pid):
     with open(os.path.join(work, name + ".pid"), "w") as f:
         f.write("%d\n" % pid)
 
-class Watch:
-    """`pmesh-dev watch --json` and its events, each stamped when its line is read."""
+sys.path.insert(0, os.environ["PMESH_BENCHES"])
+import events
+
+class Watch(events.Watch):
+    """`pmesh-dev watch --json` on the service, its pid written for the clean-up."""
     def __init__(self):
-        self.err = open(os.path.join(work, "watch.stderr"), "ab")
-        self.p = subprocess.Popen([pm, "watch", "--json", "--manifest", os.path.join(work, "pmesh.toml")],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=self.err, cwd=work)
+        super().__init__([pm, "watch", "--json", "--manifest", os.path.join(work, "pmesh.toml")],
+                         work, os.path.join(work, "watch.stderr"))
         write_pid("watch", self.p.pid)
-        self.fd = self.p.stdout.fileno()
-        self.buf = b""
-        self.lines = []
-        self.all = []    # every event read: (time read, event)
-
-    def _fill(self, timeout):
-        r, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
-        if not r:
-            return False
-        chunk = os.read(self.fd, 65536)
-        t = now()
-        if not chunk:
-            raise RuntimeError("pmesh-dev exited (status %s); see its events: %s" %
-                               (self.p.poll(), [e.get("event") for _, e in self.all][-15:]))
-        self.buf += chunk
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = {"event": "?", "raw": line.decode(errors="replace")}
-            self.lines.append((t, ev))
-            self.all.append((t, ev))
-        return True
-
-    def next(self, timeout):
-        end = now() + timeout
-        while not self.lines:
-            if not self._fill(end - now()) and now() >= end:
-                return None
-        return self.lines.pop(0)
-
-    def wait_for(self, pred, timeout, what):
-        end = now() + timeout
-        while True:
-            item = self.next(end - now())
-            if item is None:
-                raise RuntimeError("no %s within %gs; last events: %s" % (
-                    what, timeout, [(e.get("event"), e.get("reason") or e.get("line"))
-                                    for _, e in self.all][-15:]))
-            if pred(item[1]):
-                return item
-
-    def drain(self, quiet):
-        out = []
-        while True:
-            item = self.next(quiet)
-            if item is None:
-                return out
-            out.append(item)
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-        try:
-            code = self.p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            code = "killed after 30 s"
-        # Events written while stopping (`stopped`).
-        try:
-            while self._fill(0.2):
-                pass
-        except RuntimeError:
-            pass
-        self.err.close()
-        return code
 
 def get(conn_port, path="/", timeout=2.0):
     """One GET on a fresh connection: (status, body) or (None, None)."""

@@ -90,7 +90,7 @@ log "edited file: $edit_file"
 
 # ==============================================================================================
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$PMESH" "$WORK/pmesh.toml" "$BENCH_DIR" "$edit_file" "$RUNS" "$EDITS" "$IDLE_S" \
+PMESH_BENCHES="$REPO/benches" python3 - "$PMESH" "$WORK/pmesh.toml" "$BENCH_DIR" "$edit_file" "$RUNS" "$EDITS" "$IDLE_S" \
     "$DEBOUNCE_MS" "$CORES" "$LOAD_BEFORE" "$total_dirs" "$((tracked_dirs + 1))" "$WORK" <<'PY' || true
 import json, os, random, select, signal, statistics, subprocess, sys, time
 
@@ -104,66 +104,14 @@ now = time.monotonic
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
-class Watch:
-    """A `pmesh-dev watch --json` process and its events, each stamped when its line is read."""
+sys.path.insert(0, os.environ["PMESH_BENCHES"])
+import events
+
+class Watch(events.Watch):
+    """`pmesh-dev watch --json` on the tree's manifest, and what /proc says of it."""
     def __init__(self, *extra):
-        self.err = open(os.path.join(work, "watch.stderr"), "ab")
-        self.t0 = now()
-        self.p = subprocess.Popen([pm, "watch", "--json", "--manifest", manifest, *extra],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=self.err, cwd=work)
-        self.fd = self.p.stdout.fileno()
-        self.buf = b""
-        self.lines = []      # (time read, event)
-        self.seen = []
-
-    def _fill(self, timeout):
-        r, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
-        if not r:
-            return False
-        chunk = os.read(self.fd, 65536)
-        t = now()
-        if not chunk:
-            raise RuntimeError("pmesh-dev exited (status %s); stderr in %s" %
-                               (self.p.poll(), self.err.name))
-        self.buf += chunk
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = {"event": "?", "raw": line.decode(errors="replace")}
-            self.lines.append((t, ev))
-        return True
-
-    def next(self, timeout):
-        """The next event as (time read, event), or None after `timeout` seconds."""
-        end = now() + timeout
-        while not self.lines:
-            if not self._fill(end - now()) and now() >= end:
-                return None
-        item = self.lines.pop(0)
-        self.seen.append(item[1])
-        return item
-
-    def wait_for(self, pred, timeout, what):
-        end = now() + timeout
-        while True:
-            item = self.next(end - now())
-            if item is None:
-                raise RuntimeError("no %s within %gs; events so far: %s" %
-                                   (what, timeout, [e.get("event") for e in self.seen][-20:]))
-            if pred(item[1]):
-                return item
-
-    def drain(self, quiet):
-        """Events until none came for `quiet` seconds."""
-        out = []
-        while True:
-            item = self.next(quiet)
-            if item is None:
-                return out
-            out.append(item[1])
+        super().__init__([pm, "watch", "--json", "--manifest", manifest, *extra], work,
+                         os.path.join(work, "watch.stderr"))
 
     def settle(self):
         """After `watching`: let the start-up build (if any) finish, then a short quiet time."""
@@ -196,17 +144,7 @@ class Watch:
         return n
 
     def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-        try:
-            code = self.p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            code = self.p.wait()
-            log("  pmesh-dev did not stop within 60 s of SIGINT: killed")
-        self.p.stdout.close()
-        self.err.close()
-        return code
+        return super().stop(timeout=60)
 
 def git_status():
     """Wall and CPU (user + sys) seconds of one `git status --porcelain`, and its output size."""
@@ -275,7 +213,7 @@ try:
     w.settle()
     time.sleep(1.0)
     c0, t0 = w.cpu_ticks(), now()
-    during = w.drain(idle_s)        # waits idle_s (or more if events keep coming)
+    during = [e for _, e in w.drain(idle_s)]        # waits idle_s (or more if events keep coming)
     c1, t1 = w.cpu_ticks(), now()
     idle_cpu_ms = (c1 - c0) * 1000 / TICK * (10.0 / (t1 - t0))
     if during:
@@ -288,7 +226,7 @@ try:
     log("edits: %d appends to %s, each waiting for build_finished" % (edits, edit_rel))
     lat, lat_raw, wrong = [], [], 0
     for i in range(edits):
-        extra = w.drain(0.15 + random.random() * 0.1)
+        extra = [e for _, e in w.drain(0.15 + random.random() * 0.1)]
         if extra:
             log("  note: events before edit %d: %s" % (i + 1, [e.get("event") for e in extra]))
         t0 = now()
