@@ -11,10 +11,9 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Sink};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
-use crate::log::Reporter;
 use crate::manifest::Service;
 
 /// How many of a failed step's last output lines the error shows.
@@ -22,6 +21,9 @@ const TAIL_LINES: usize = 20;
 
 /// How long a cancelled step gets between SIGTERM and SIGKILL.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// A timer that is not meant to fire until it is reset.
+const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
 /// Why the steps did not all succeed.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +100,7 @@ pub async fn run_steps(
     svc: &Service,
     build_dir: &Path,
     id: BuildId,
-    reporter: &Arc<Reporter>,
+    reporter: &Arc<Sink>,
     log: &mut BuildLog,
     cancel: &CancellationToken,
 ) -> Result<(), BuildFailure> {
@@ -179,7 +181,7 @@ async fn run_step(
     step: &str,
     build_dir: &Path,
     id: BuildId,
-    reporter: &Arc<Reporter>,
+    reporter: &Arc<Sink>,
     log: &mut BuildLog,
     cancel: &CancellationToken,
 ) -> Result<(ExitStatus, Vec<String>), BuildFailure> {
@@ -221,8 +223,11 @@ async fn run_step(
     let mut reader_done = false;
     // A process that left the group (setsid) may hold the output open; it gets a moment to
     // finish its lines once the step is over, then is no longer waited for.
-    let drain = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    let drain = tokio::time::sleep(FOREVER);
     tokio::pin!(drain);
+    // After a cancel: when the step is killed if it has not exited on SIGTERM.
+    let grace = tokio::time::sleep(FOREVER);
+    tokio::pin!(grace);
     while status.is_none() || output_open {
         tokio::select! {
             line = lines_rx.recv(), if output_open => match line {
@@ -244,11 +249,16 @@ async fn run_step(
                 .await;
             },
             _ = cancel.cancelled(), if !cancelled && status.is_none() => {
+                // SIGTERM now; the step's own exit is awaited right here (it is reaped by
+                // `child.wait()` above, so a dead step is seen at once, not polled for while it
+                // is a zombie), and only a step that outlives the grace is killed.
                 cancelled = true;
-                let _ = tokio::task::spawn_blocking(move || {
-                    guardian::stop_groups(&[pgid], CANCEL_GRACE)
-                })
-                .await;
+                guardian::signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
+                grace.as_mut().reset(tokio::time::Instant::now() + CANCEL_GRACE);
+            },
+            _ = &mut grace, if cancelled && status.is_none() => {
+                guardian::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+                grace.as_mut().reset(tokio::time::Instant::now() + FOREVER);
             },
         }
     }

@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::control;
+use crate::event::Sink;
 use crate::hash::{self, CacheUse, HashSpec};
-use crate::log::{Format, Reporter};
+use crate::log::{Format, Printer};
 use crate::manifest::{self, Manifest};
 use crate::pipeline::{self, Outcome};
 use crate::store::Store;
@@ -174,11 +175,10 @@ fn selected(m: &Manifest, names: &[String]) -> Result<Vec<Arc<crate::manifest::S
         .collect())
 }
 
-/// A reporter printing plain lines (prefixed with the service when there are several) or
-/// NDJSON.
-fn plain_or_json(json: bool, services: usize) -> Arc<Reporter> {
+/// A printer of plain lines (prefixed with the service when there are several) or NDJSON.
+fn plain_or_json(json: bool, services: usize) -> Printer {
     let format = if json { Format::Json } else { Format::Plain };
-    Arc::new(Reporter::new(format, services > 1))
+    Printer::new(format, services > 1)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -204,37 +204,45 @@ fn watch(
         (false, true) => Format::Json,
         (false, false) => Format::Plain,
     };
-    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
     let opts = crate::engine::WatchOptions { poll };
+    // Each root is held for the whole watch; a second pmesh-dev on it is refused.
+    let mut roots = Vec::new();
+    for svc in &services {
+        let store = Store::new(&svc.root);
+        let lock = store
+            .lock("pmesh-dev watch")
+            .map_err(|e| anyhow::anyhow!("service `{}`: {e}", svc.name))?;
+        store.recover()?;
+        roots.push((store, lock));
+    }
     let rt = runtime()?;
+    let sink = Sink::new();
     rt.block_on(async {
+        let printing = Printer::new(format, services.len() > 1).spawn(&sink);
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
         let mut senders = std::collections::BTreeMap::new();
-        for svc in &services {
+        for (svc, (store, _)) in services.iter().zip(&roots) {
             let name = svc.name.clone();
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             senders.insert(name.clone(), tx.clone());
+            control::start(svc, tx, &sink, &shutdown);
             let fut = crate::engine::run(
                 svc.clone(),
+                store.clone(),
                 m.path.clone(),
                 opts,
-                reporter.clone(),
+                sink.clone(),
                 shutdown.clone(),
-                (tx, rx),
+                rx,
             );
             tasks.spawn(async move { (name, fut.await) });
         }
         let mut errors = Vec::new();
         if tui {
             // The TUI owns the terminal; an engine that fails ends it, so the error is seen.
-            let ui = crate::tui::run(
-                services.clone(),
-                reporter.clone(),
-                senders,
-                shutdown.clone(),
-            );
+            let ui = crate::tui::run(services.clone(), &sink, senders, shutdown.clone());
             tokio::pin!(ui);
             loop {
                 tokio::select! {
@@ -253,6 +261,8 @@ fn watch(
                     }
                 }
             }
+        } else {
+            drop(senders);
         }
         let mut code = EXIT_OK;
         while let Some(joined) = tasks.join_next().await {
@@ -264,6 +274,10 @@ fn watch(
                 shutdown.cancel();
             }
         }
+        for svc in &services {
+            control::remove(&svc.root);
+        }
+        printing.finish().await;
         for e in &errors {
             eprintln!("{e}");
             code = EXIT_FAILED;
@@ -297,39 +311,49 @@ fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> 
             m.path.display()
         )));
     }
-    let reporter = plain_or_json(json, services.len());
+    let printer = plain_or_json(json, services.len());
     let rt = runtime()?;
+    let sink = Sink::new();
     rt.block_on(async {
+        let printing = printer.spawn(&sink);
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
+        let mut code = EXIT_OK;
+        let mut errors = Vec::new();
         for svc in services {
             // A running watch already serves it.
             let request = control::Request::Run;
-            if let Some(done) = control::request(&svc.root, &request, |e| reporter.emit(&e)).await {
+            if let Some(done) = control::request(&svc.root, &request, |e| sink.emit(&e)).await {
                 if let Ok(d) = &done
                     && d.code == EXIT_OK
                 {
                     eprintln!("{}", d.message);
                 }
-                let code = remote_code(&svc.name, done);
+                code = remote_code(&svc.name, done);
                 if code != EXIT_OK {
-                    return Ok(code);
+                    break;
                 }
                 continue;
             }
             let name = svc.name.clone();
-            let fut = crate::serve::run_only(svc, reporter.clone(), shutdown.clone());
+            let fut = crate::deploy::run_only(svc, sink.clone(), shutdown.clone());
             tasks.spawn(async move { (name, fut.await) });
         }
-        let mut code = EXIT_OK;
+        if code != EXIT_OK {
+            shutdown.cancel();
+        }
         while let Some(joined) = tasks.join_next().await {
             let (name, result) = joined?;
             if let Err(e) = result {
-                eprintln!("error: service `{name}`: {e:#}");
+                errors.push(format!("error: service `{name}`: {e:#}"));
                 code = EXIT_FAILED;
                 shutdown.cancel();
             }
+        }
+        printing.finish().await;
+        for e in &errors {
+            eprintln!("{e}");
         }
         Ok(code)
     })
@@ -380,30 +404,35 @@ fn remote_code(name: &str, done: std::io::Result<crate::event::Done>) -> u8 {
 fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
     let services = selected(&m, names)?;
-    let reporter = plain_or_json(json, services.len());
+    let printer = plain_or_json(json, services.len());
     let rt = runtime()?;
+    let sink = Sink::new();
     rt.block_on(async {
+        let printing = printer.spawn(&sink);
         let cancel = CancellationToken::new();
         cancel_on_signals(cancel.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
         for svc in services {
             let name = svc.name.clone();
-            let (manifest, reporter, cancel) = (m.path.clone(), reporter.clone(), cancel.clone());
+            let (manifest, sink, cancel) = (m.path.clone(), sink.clone(), cancel.clone());
             tasks.spawn(async move {
                 // A running watch owns this root: it builds, and we show what it does.
                 let request = control::Request::Build { force };
-                if let Some(done) =
-                    control::request(&svc.root, &request, |e| reporter.emit(&e)).await
-                {
+                if let Some(done) = control::request(&svc.root, &request, |e| sink.emit(&e)).await {
                     return (name, Remote(done));
                 }
-                let outcome = pipeline::build(svc, manifest, force, reporter, cancel).await;
+                let outcome = pipeline::build(svc, manifest, force, sink, cancel).await;
                 (name, Local(outcome))
             });
         }
-        let mut code = EXIT_OK;
+        let mut results = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let (name, result) = joined?;
+            results.push(joined?);
+        }
+        // What the builds printed comes before what this says of them.
+        printing.finish().await;
+        let mut code = EXIT_OK;
+        for (name, result) in results {
             let c = match result {
                 Local(Ok(Outcome::Cancelled)) => EXIT_INTERRUPTED,
                 Local(Ok(Outcome::Failed { .. })) => EXIT_FAILED,
@@ -585,19 +614,25 @@ fn rollback(manifest: Option<&Path>, args: &[String]) -> Result<u8> {
         [one] => (m.one(None).map_err(usage)?, Some(one.as_str())),
         [svc, build, ..] => (m.service(svc).map_err(usage)?, Some(build.as_str())),
     };
-    let reporter = Reporter::new(Format::Plain, false);
     let request = control::Request::Rollback {
         build: target.map(str::to_owned),
     };
-    let remote = runtime()?.block_on(control::request(&svc.root, &request, |e| reporter.emit(&e)));
-    if let Some(done) = remote {
-        return Ok(remote_code(&svc.name, done));
-    }
-    match pipeline::rollback(svc, target, &reporter) {
-        Ok(_) => Ok(EXIT_OK),
-        Err(e) => Err(Failure {
-            code: e.code(),
-            error: e.into(),
-        }),
-    }
+    let sink = Sink::new();
+    runtime()?.block_on(async {
+        let printing = Printer::new(Format::Plain, false).spawn(&sink);
+        let remote = control::request(&svc.root, &request, |e| sink.emit(&e)).await;
+        let local = match remote {
+            Some(_) => None,
+            None => Some(pipeline::rollback(svc, target, &sink)),
+        };
+        printing.finish().await;
+        match (remote, local) {
+            (Some(done), _) => Ok(remote_code(&svc.name, done)),
+            (None, Some(Err(e))) => Err(Failure {
+                code: e.code(),
+                error: e.into(),
+            }),
+            (None, _) => Ok(EXIT_OK),
+        }
+    })
 }

@@ -4,6 +4,7 @@
 pub mod builder;
 pub mod cli;
 pub mod control;
+pub mod deploy;
 pub mod engine;
 pub mod event;
 pub mod guardian;
@@ -13,7 +14,6 @@ pub mod log;
 pub mod manifest;
 pub mod pipeline;
 pub mod proxy;
-pub mod serve;
 pub mod store;
 pub mod supervisor;
 pub mod tui;

@@ -1,9 +1,9 @@
 //! Front ends that print events: plain, readable lines or NDJSON.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::Arc;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Received, Sink};
 
 /// How events are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,16 +14,12 @@ pub enum Format {
     Quiet,
 }
 
-/// Prints events to stdout, one line each; shared by every service's task.
-pub struct Reporter {
+/// Prints events to stdout, one line each: a subscriber of the sink that the CLI starts.
+pub struct Printer {
     format: Format,
     color: bool,
     /// Prefix lines with the service name (several services in one run).
     prefix: bool,
-    /// Serialises whole lines from concurrent services.
-    out: Mutex<()>,
-    /// Every event is also sent here, for the TUI and control-socket clients.
-    tap: tokio::sync::broadcast::Sender<Event>,
 }
 
 const RESET: &str = "\x1b[0m";
@@ -33,23 +29,56 @@ const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
 const CYAN: &str = "\x1b[36m";
 
-impl Reporter {
-    pub fn new(format: Format, prefix: bool) -> Reporter {
+/// A running printer; [`Printing::finish`] prints what is left and ends it.
+pub struct Printing {
+    sink: Arc<Sink>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Printing {
+    /// Closes the sink and waits until every event emitted before was printed.
+    pub async fn finish(mut self) {
+        self.sink.close();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Printer {
+    pub fn new(format: Format, prefix: bool) -> Printer {
         let color = format == Format::Plain
             && std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        Reporter {
+        Printer {
             format,
             color,
             prefix,
-            out: Mutex::new(()),
-            tap: tokio::sync::broadcast::channel(4096).0,
         }
     }
 
-    /// Events from now on, as they are emitted.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.tap.subscribe()
+    /// Prints what `sink` receives from now on, in a task of its own; nothing with
+    /// [`Format::Quiet`].
+    pub fn spawn(self, sink: &Arc<Sink>) -> Printing {
+        let task = (self.format != Format::Quiet).then(|| {
+            let mut sub = sink.subscribe();
+            tokio::spawn(async move {
+                while let Some(r) = sub.recv().await {
+                    let mut batch = vec![r];
+                    // Whatever else is queued goes out in the same write.
+                    while batch.len() < 256
+                        && let Some(r) = sub.try_recv()
+                    {
+                        batch.push(r);
+                    }
+                    self.print(&batch);
+                }
+            })
+        });
+        Printing {
+            sink: sink.clone(),
+            task,
+        }
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
@@ -60,26 +89,33 @@ impl Reporter {
         }
     }
 
-    /// Prints one event and hands it to subscribers.
-    pub fn emit(&self, e: &Event) {
-        if self.tap.receiver_count() > 0 {
-            let _ = self.tap.send(e.clone());
+    fn print(&self, batch: &[Received]) {
+        let mut text = String::new();
+        for r in batch {
+            let line = match r {
+                Received::Event(e) => match self.format {
+                    Format::Quiet => None,
+                    Format::Json => serde_json::to_string(e).ok(),
+                    Format::Plain => self.plain(e),
+                },
+                Received::Dropped(n) => Some(match self.format {
+                    Format::Json => serde_json::json!({
+                        "event": "output_dropped",
+                        "lines": n,
+                        "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                    })
+                    .to_string(),
+                    _ => self.paint(YELLOW, &format!("… {n} lines of output dropped (too many, too fast)")),
+                }),
+            };
+            if let Some(l) = line {
+                text.push_str(&l);
+                text.push('\n');
+            }
         }
-        let line = match self.format {
-            Format::Quiet => return,
-            Format::Json => match serde_json::to_string(e) {
-                Ok(l) => l,
-                Err(_) => return,
-            },
-            Format::Plain => match self.plain(e) {
-                Some(l) => l,
-                None => return,
-            },
-        };
-        let _guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = std::io::stdout().lock();
         // A closed stdout (a pipe to `head`) is a normal end, not worth a panic.
-        let _ = writeln!(out, "{line}");
+        let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
     }
 
@@ -158,13 +194,47 @@ impl Reporter {
                     error.as_deref().unwrap_or("unknown error")
                 ),
             ),
-            EventKind::Live { id, archive, port } => self.paint(
+            EventKind::Live {
+                id,
+                archive,
+                port,
+                url,
+            } => self.paint(
                 GREEN,
-                &format!("live: {} from {archive} on port {port}", short(id)),
+                &match url {
+                    Some(url) => format!(
+                        "{} -> {url}  live: {} from {archive} (instance on port {port})",
+                        e.service,
+                        short(id)
+                    ),
+                    None => format!("live: {} from {archive} on port {port}", short(id)),
+                },
             ),
-            EventKind::Unhealthy { id, reason, .. } => self.paint(
+            EventKind::Unhealthy {
+                id,
+                reason,
+                back,
+                retry_in_ms,
+                ..
+            } => self.paint(
                 RED,
-                &format!("build {} is unhealthy, .run went back: {reason}", short(id)),
+                &match (back, retry_in_ms) {
+                    (Some(back), _) => format!(
+                        "build {} is unhealthy, .run went back to {back}: {reason}",
+                        short(id)
+                    ),
+                    (None, Some(ms)) => format!(
+                        "build {} is unhealthy and there is no earlier build to go back to; \
+                         starting it again in {}: {reason}",
+                        short(id),
+                        human_ms(*ms)
+                    ),
+                    (None, None) => format!(
+                        "build {} is unhealthy and there is no earlier build to go back to: \
+                         {reason}",
+                        short(id)
+                    ),
+                },
             ),
             EventKind::Crashed {
                 id,

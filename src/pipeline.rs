@@ -1,5 +1,6 @@
 //! One service's trip through the builder: hash, compare with `.run`, reuse an archive or
-//! build, archive, flip `.run`, prune. Shared by `build` and (later) the watch engine.
+//! build, archive, then hand the archive to the deployer (which flips `.run` and prunes).
+//! Shared by the one-shot `build` and the watch engine.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -10,22 +11,30 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::builder::{self, BuildFailure, BuildLog};
-use crate::event::{Event, EventKind};
+use crate::deploy::{Deployer, KEEP_ORPHAN_LOGS, Mode, PublishError, Ticket, Why};
+use crate::event::{EventKind, Sink};
 use crate::hash::{self, BuildId, CacheUse, HashSpec};
-use crate::log::Reporter;
 use crate::manifest::Service;
 use crate::store::{Archive, Status, Store};
 
-/// Unreferenced logs (of failed or cancelled builds) kept per service.
-const KEEP_ORPHAN_LOGS: usize = 20;
-
 /// How a build request ended. Errors of the file system are `Err`; a failed build is not.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     UpToDate(BuildId),
-    Reused { id: BuildId, archive: String },
-    Built { id: BuildId, archive: String },
-    Failed { id: BuildId, error: String },
+    /// `.run` points to the archive; the ticket resolves once it serves (or was undone).
+    Reused {
+        id: BuildId,
+        archive: String,
+        ticket: Ticket,
+    },
+    Built {
+        id: BuildId,
+        archive: String,
+        ticket: Ticket,
+    },
+    Failed {
+        id: BuildId,
+        error: String,
+    },
     Cancelled,
 }
 
@@ -35,13 +44,44 @@ pub async fn build(
     svc: Arc<Service>,
     manifest_path: PathBuf,
     force: bool,
-    reporter: Arc<Reporter>,
+    sink: Arc<Sink>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev build")?;
     store.recover()?;
+    let (deployer, _, tasks) = Deployer::start(
+        svc.clone(),
+        store.clone(),
+        sink.clone(),
+        cancel.child_token(),
+        Mode::Flip,
+    )
+    .await?;
+    let outcome = build_tree(
+        &svc,
+        manifest_path,
+        force,
+        &store,
+        &deployer,
+        &sink,
+        &cancel,
+    )
+    .await;
+    drop(deployer);
+    tasks.stopped().await;
+    outcome
+}
 
+async fn build_tree(
+    svc: &Arc<Service>,
+    manifest_path: PathBuf,
+    force: bool,
+    store: &Store,
+    deployer: &Deployer,
+    sink: &Arc<Sink>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Outcome> {
     let tree = {
         let svc = svc.clone();
         tokio::task::spawn_blocking(move || {
@@ -51,7 +91,7 @@ pub async fn build(
         .context("the hashing task failed")??
     };
     for message in tree.warnings {
-        reporter.emit(&Event::now(&svc.name, EventKind::Warning { message }));
+        sink.now(&svc.name, EventKind::Warning { message });
     }
     if cancel.is_cancelled() {
         return Ok(Outcome::Cancelled);
@@ -60,10 +100,9 @@ pub async fn build(
         id: tree.id,
         changed: tree.changed,
         force,
-        in_use: Vec::new(),
         steps: StepsRunning::default(),
     };
-    build_id(&svc, &store, job, &reporter, &cancel).await
+    build_id(svc, store, deployer, job, sink, cancel).await
 }
 
 /// One request to make `.run` hold a build.
@@ -74,8 +113,6 @@ pub struct Job {
     pub changed: Vec<String>,
     /// Build even if `.run` already holds `id`, and never reuse an archive.
     pub force: bool,
-    /// Archives that running instances use: retention leaves them alone.
-    pub in_use: Vec<String>,
     pub steps: StepsRunning,
 }
 
@@ -94,40 +131,45 @@ impl StepsRunning {
 }
 
 /// Makes `.run` hold build `id` of `svc`: nothing if it already does (unless `force`), a
-/// re-point if a good archive has it, else a build. The caller holds the store's lock.
+/// re-point if a good archive has it, else a build. The caller holds the store's lock; the
+/// deployer re-points `.run`.
 pub async fn build_id(
     svc: &Service,
     store: &Store,
+    deployer: &Deployer,
     job: Job,
-    reporter: &Arc<Reporter>,
+    sink: &Arc<Sink>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let Job {
         id,
         changed,
         force,
-        in_use,
         steps,
     } = job;
-    let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
+    let emit = |kind| sink.now(&svc.name, kind);
     if !force {
-        if store.live_id() == Some(id) {
+        let run = deployer.run();
+        if run.id == Some(id) {
             emit(EventKind::UpToDate {
                 id: id.to_string(),
-                archive: store.live(),
+                archive: run.archive,
             });
             return Ok(Outcome::UpToDate(id));
         }
         if let Some(a) = store.reusable(id)? {
-            store.point_run(&a.name)?;
+            let Some(ticket) = publish(deployer, &a.name, id, cancel).await? else {
+                emit(EventKind::Cancelled { id: id.to_string() });
+                return Ok(Outcome::Cancelled);
+            };
             emit(EventKind::Reused {
                 id: id.to_string(),
                 archive: a.name.clone(),
             });
-            prune(store, svc, &in_use, reporter)?;
             return Ok(Outcome::Reused {
                 id,
                 archive: a.name,
+                ticket,
             });
         }
     }
@@ -141,14 +183,19 @@ pub async fn build_id(
     let (log_path, log_name) = store.new_log()?;
     let mut log = BuildLog::new(File::create(&log_path).ok());
     steps.set(true);
-    let result = builder::run_steps(svc, &build_dir, id, reporter, &mut log, cancel).await;
+    let result = builder::run_steps(svc, &build_dir, id, sink, &mut log, cancel).await;
     steps.set(false);
     let duration = started.elapsed();
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok(()) => {
             let archive = store.commit(id, duration, Some(log_name))?;
-            store.point_run(&archive.name)?;
+            // Cancelled after its steps (by a rollback): archived, for a later reuse, but not
+            // put live.
+            let Some(ticket) = publish(deployer, &archive.name, id, cancel).await? else {
+                emit(EventKind::Cancelled { id: id.to_string() });
+                return Ok(Outcome::Cancelled);
+            };
             emit(EventKind::BuildFinished {
                 id: id.to_string(),
                 ok: true,
@@ -156,10 +203,10 @@ pub async fn build_id(
                 archive: Some(archive.name.clone()),
                 error: None,
             });
-            prune(store, svc, &in_use, reporter)?;
             Ok(Outcome::Built {
                 id,
                 archive: archive.name,
+                ticket,
             })
         }
         Err(BuildFailure::Cancelled) => {
@@ -185,18 +232,21 @@ pub async fn build_id(
     }
 }
 
-fn prune(
-    store: &Store,
-    svc: &Service,
-    in_use: &[String],
-    reporter: &Reporter,
-) -> anyhow::Result<()> {
-    let removed = store.retain(svc.keep, in_use)?;
-    if !removed.is_empty() {
-        reporter.emit(&Event::now(&svc.name, EventKind::Pruned { removed }));
+/// Has the deployer point `.run` at `archive`; `None` if `cancel` fired first.
+async fn publish(
+    deployer: &Deployer,
+    archive: &str,
+    id: BuildId,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<Ticket>> {
+    match deployer
+        .publish(archive, id, Why::Build, Some(cancel))
+        .await
+    {
+        Ok(t) => Ok(Some(t)),
+        Err(PublishError::Cancelled) => Ok(None),
+        Err(PublishError::Failed(e)) => Err(anyhow::anyhow!(e)),
     }
-    store.prune_logs(KEEP_ORPHAN_LOGS)?;
-    Ok(())
 }
 
 /// Why a rollback did not happen.
@@ -263,24 +313,20 @@ pub fn rollback_target(
 
 /// Re-points `.run` at archive `target`, or by default at the newest good archive older than
 /// the live one. Returns the archive now live.
-pub fn rollback(
-    svc: &Service,
-    target: Option<&str>,
-    reporter: &Reporter,
-) -> Result<String, RollbackError> {
+pub fn rollback(svc: &Service, target: Option<&str>, sink: &Sink) -> Result<String, RollbackError> {
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev rollback")?;
     store.recover()?;
     let live = store.live();
     let (archive, _) = rollback_target(svc, &store, target)?;
     store.point_run(&archive.name)?;
-    reporter.emit(&Event::now(
+    sink.now(
         &svc.name,
         EventKind::Rollback {
             from: live,
             to: archive.name.clone(),
             id: archive.id.map(|i| i.to_string()),
         },
-    ));
+    );
     Ok(archive.name)
 }

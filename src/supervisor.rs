@@ -20,10 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::builder::{describe_status, each_line, shell};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Sink};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
-use crate::log::Reporter;
 use crate::manifest::{Health, Service};
 use crate::store::{STATE_DIR, Store};
 
@@ -111,7 +110,7 @@ impl Instance {
         store: &Store,
         archive: &str,
         id: BuildId,
-        reporter: &Arc<Reporter>,
+        reporter: &Arc<Sink>,
     ) -> anyhow::Result<Instance> {
         let run = svc
             .run

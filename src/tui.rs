@@ -16,8 +16,7 @@ use ratatui::crossterm::{cursor, event, execute, terminal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Command, Event, EventKind};
-use crate::log::Reporter;
+use crate::event::{Command, EventKind, Received, Sink, Subscription};
 use crate::manifest::Service;
 use crate::store::Store;
 
@@ -97,7 +96,9 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
             error,
         },
         EventKind::Cancelled { id } => EngineEvent::Cancelled { id },
-        EventKind::Live { id, archive, port } => EngineEvent::Live {
+        EventKind::Live {
+            id, archive, port, ..
+        } => EngineEvent::Live {
             id,
             archive,
             port,
@@ -107,6 +108,7 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
             id,
             archive,
             reason,
+            ..
         } => EngineEvent::Unhealthy {
             id,
             archive,
@@ -123,10 +125,10 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
                 patterns.join(" ")
             ),
         },
-        EventKind::UpToDate { .. }
-        | EventKind::Reused { .. }
-        | EventKind::Pruned { .. }
-        | EventKind::Rescan { .. } => return None,
+        EventKind::UpToDate { id, .. } => EngineEvent::UpToDate { id },
+        EventKind::Reused { .. } | EventKind::Pruned { .. } | EventKind::Rescan { .. } => {
+            return None;
+        }
     })
 }
 
@@ -150,11 +152,11 @@ fn touches_builds(kind: &EventKind) -> bool {
 /// engine. Quitting cancels `shutdown`, which stops every build and instance.
 pub async fn run(
     services: Vec<Arc<Service>>,
-    reporter: Arc<Reporter>,
+    sink: &Sink,
     commands: BTreeMap<String, mpsc::UnboundedSender<Command>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut events = reporter.subscribe();
+    let mut events = sink.subscribe();
     enter()?;
     let result = event_loop(&services, &mut events, &commands, &shutdown).await;
     restore();
@@ -164,7 +166,7 @@ pub async fn run(
 
 async fn event_loop(
     services: &[Arc<Service>],
-    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    events: &mut Subscription,
     commands: &BTreeMap<String, mpsc::UnboundedSender<Command>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -266,7 +268,7 @@ async fn event_loop(
                 None => return Ok(()),
             },
             e = events.recv() => match e {
-                Ok(e) => {
+                Some(Received::Event(e)) => {
                     match &e.kind {
                         EventKind::Live { archive, .. } => {
                             serving.insert(e.service.clone(), archive.clone());
@@ -288,8 +290,9 @@ async fn event_loop(
                         });
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => return Ok(()),
+                // Only output lines are ever dropped; the screen says how many.
+                Some(Received::Dropped(lines)) => queue.push(Msg::Dropped { lines }),
+                None => return Ok(()),
             },
             _ = minute.tick() => queue.push(Msg::Now(now_secs())),
         }

@@ -57,6 +57,11 @@ pub enum Msg {
         archive: String,
         lines: Vec<String>,
     },
+    /// A front end too slow for the output dropped this many of its lines (never a state
+    /// event).
+    Dropped {
+        lines: u64,
+    },
 }
 
 /// What the engine reports about one service.
@@ -80,6 +85,10 @@ pub enum EngineEvent {
         error: Option<String>,
     },
     Cancelled {
+        id: String,
+    },
+    /// The tree is the live build's (`id`) again: a failure shown before no longer stands.
+    UpToDate {
         id: String,
     },
     /// An instance of build `id` serves on `port` since `since` (seconds since the epoch).

@@ -84,6 +84,17 @@ pub(super) fn on_engine(model: &mut Model, service: &str, event: EngineEvent) {
             svc.build_log
                 .note(&format!("── build {} cancelled ──", short_id(&id)), dim);
         }
+        EngineEvent::UpToDate { id } => {
+            if matches!(svc.state, ServiceState::Failed | ServiceState::Unhealthy) {
+                svc.state = match &svc.instance {
+                    Some(Instance { port: Some(_), .. }) => ServiceState::Live,
+                    _ => ServiceState::Idle,
+                };
+                svc.problem = None;
+                let note = format!("── the tree is {} again, the live build ──", short_id(&id));
+                svc.build_log.note(&note, good);
+            }
+        }
         EngineEvent::Live {
             id,
             archive,
