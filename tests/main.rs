@@ -6,6 +6,7 @@ mod util;
 mod build;
 mod control;
 mod hash;
+mod live;
 mod manifest;
 mod serve;
 mod tui;
