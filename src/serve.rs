@@ -72,6 +72,14 @@ impl Server {
         let switch = Switch::new(Target::Starting {
             wait: svc.ready_timeout,
         });
+        // The proxy's failures in detail (its pages say them in words): a warning each.
+        switch.on_failure({
+            let (reporter, name) = (reporter.clone(), svc.name.clone());
+            Arc::new(move |detail: &str| {
+                let message = format!("proxy: {detail}");
+                reporter.emit(&Event::now(&name, EventKind::Warning { message }));
+            })
+        });
         let proxy = match svc.listen {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
