@@ -95,13 +95,18 @@ impl ClientIo {
         self.activity.clone()
     }
 
-    /// The deadline of what the connection waits for from the client now, if it waits.
-    fn deadline(&mut self, now: Instant) -> Option<Instant> {
+    /// Takes note of a request that ended since the last look: the idle time starts.
+    fn sync(&mut self, now: Instant) {
         if self.activity.ended.swap(false, Ordering::SeqCst) {
             self.idle_since = now;
             self.head_since = None;
             self.body_wait = None;
         }
+    }
+
+    /// The deadline of what the connection waits for from the client now, if it waits.
+    fn deadline(&mut self, now: Instant) -> Option<Instant> {
+        self.sync(now);
         if self.activity.requests.load(Ordering::SeqCst) > 0 {
             if !self.activity.body_open.load(Ordering::SeqCst) {
                 // Waiting on the instance, not on the client.
@@ -119,6 +124,7 @@ impl ClientIo {
 
     /// Bytes came from the client.
     fn got_bytes(&mut self, now: Instant) {
+        self.sync(now);
         self.body_wait = None;
         if self.activity.requests.load(Ordering::SeqCst) == 0 && self.head_since.is_none() {
             self.head_since = Some(now);

@@ -388,10 +388,10 @@ impl Conn<'_> {
         drop(in_flight);
         let addr = upstream.addr();
         let page = self.proxy.failure_page(addr, &failure);
-        match failure {
-            // The connection to the client stays usable: its request was read whole, or is
-            // read to its end now.
-            Failure::Connect(_) | Failure::ConnectTimeout | Failure::Closed => {
+        // The connection to the client stays usable when the policy says so: its request was
+        // read whole, or is read to its end now.
+        match failure.keeps_client() {
+            true => {
                 if body_left > 0 {
                     let mut sink = tokio::io::sink();
                     copy_exact(self.client, &mut sink, body_left, &mut self.cbuf, stall)
@@ -403,7 +403,7 @@ impl Conn<'_> {
             }
             // Part of the body is gone, or the instance said something the proxy cannot
             // read: a 502, and the connection ends.
-            _ => {
+            false => {
                 let close = RequestHead {
                     close: true,
                     ..head

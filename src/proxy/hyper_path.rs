@@ -428,7 +428,12 @@ impl Proxy {
     }
 
     fn bad_gateway(&self, addr: SocketAddr, failure: &Failure) -> Response<ProxyBody> {
-        page(StatusCode::BAD_GATEWAY, self.failure_page(addr, failure))
+        let mut resp = page(StatusCode::BAD_GATEWAY, self.failure_page(addr, failure));
+        if !failure.keeps_client() {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 

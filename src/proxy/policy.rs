@@ -323,6 +323,13 @@ impl Failure {
         }
     }
 
+    /// Whether the client connection goes on after the 502: when the instance said nothing,
+    /// the exchange is cleanly over; after half a body or a response that could not be read,
+    /// nothing on either connection can be trusted to be where a message starts.
+    pub(super) fn keeps_client(&self) -> bool {
+        self.silent()
+    }
+
     /// Whether nothing at all came back (see [`Attempt::silent`]).
     pub(super) fn silent(&self) -> bool {
         match self {

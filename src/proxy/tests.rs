@@ -1,5 +1,7 @@
 //! The proxy's tests: real sockets on both sides.
 
+mod hostile;
+
 use super::policy::UPSTREAM_IDLE;
 use super::*;
 use bytes::Bytes;
