@@ -681,3 +681,68 @@ async fn a_slow_instance_never_times_the_client_out() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_absolute_form_target_goes_in_origin_form_with_its_host() {
+    within(async {
+        let (b, seen) = instance(ok).await;
+        let proxy = proxy_with(b.addr, Timeouts::default()).await;
+        let req = b"GET http://app.test:3000/x?y=1 HTTP/1.1\r\nHost: other.test\r\nconnection: close\r\n\r\n";
+        let got = exchange(proxy.addr, Path::Fast, req).await;
+        assert!(got.contains("ok /x?y=1"), "{got}");
+        let r = seen.lock().unwrap()[0].clone();
+        assert!(r.head.starts_with("GET /x?y=1 HTTP/1.1\r\n"), "{}", r.head);
+        assert_eq!(r.header("host"), ["app.test:3000"], "{}", r.head);
+        assert_eq!(r.header("x-forwarded-host"), ["app.test:3000"], "{}", r.head);
+        proxy.stop().await;
+        b.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_details_of_a_failure_go_to_the_log_at_most_once_a_second() {
+    within(async {
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let switch = Switch::new(Target::Live(Upstream::new(addr)));
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        switch.on_failure(Arc::new(move |detail: &str| {
+            let _ = tx.send(detail.to_owned());
+        }));
+        let proxy = start_proxy(&switch).await;
+        // The fast path, then the hyper path (which HTTP/1.0 takes): no prelude can be
+        // answered here.
+        for req in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\n\r\n",
+        ] {
+            let got = exchange(proxy.addr, Path::Fast, req).await;
+            // hyper answers an HTTP/1.0 client in its version.
+            assert!(
+                got.starts_with("HTTP/1.1 502 ") || got.starts_with("HTTP/1.0 502 "),
+                "{got}"
+            );
+            assert!(got.contains("refused the connection"), "{got}");
+        }
+        let first = rx.recv().await.unwrap();
+        assert!(
+            first.contains(&addr.to_string()) && first.contains("cannot connect"),
+            "{first}"
+        );
+        // The second failure came within the second: held back, counted in the next report.
+        assert!(rx.try_recv().is_err());
+        sleep(Duration::from_millis(1100)).await;
+        exchange(
+            proxy.addr,
+            Path::Fast,
+            b"GET / HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let next = rx.recv().await.unwrap();
+        assert!(next.contains("and 1 more"), "{next}");
+        proxy.stop().await;
+    })
+    .await;
+}
