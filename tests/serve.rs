@@ -615,3 +615,63 @@ fn short_of_descriptors_the_newest_client_is_refused_and_the_others_served() {
     );
     assert_eq!(w.interrupt(), Some(0));
 }
+
+/// The soft limit on open files of process `pid`.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    line.split_whitespace()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_descriptor_limit_is_raised_for_the_proxy_and_not_for_build_steps_or_instances() {
+    use std::os::unix::process::CommandExt;
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    if hard.rlim_max <= 256 {
+        return; // Nothing to raise on this machine.
+    }
+    let t = Tmp::new();
+    let seen = t.join("child-limit");
+    one_service(
+        &t,
+        &[&format!("ulimit -n > '{}'", seen.display())],
+        &format!("listen = {}\nrun = \"sleep 30\"", free_port()),
+    );
+    let mut cmd = t.cmd(&["watch", "--json"]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 256;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut w = Watch::spawn_cmd(cmd);
+    w.next_build("app");
+    assert_eq!(soft_nofile(w.child.id()), hard.rlim_max as u64);
+    let child = std::fs::read_to_string(&seen).expect("the build step wrote its limit");
+    assert_eq!(child.trim(), "256");
+    assert_eq!(w.interrupt(), Some(0));
+}

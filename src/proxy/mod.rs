@@ -21,9 +21,7 @@
 //! common requests, parsed in place), [`hyper_path`] (everything else, through hyper), [`tcp`]
 //! (raw TCP) and [`page`] (the HTML pages the proxy answers with).
 
-use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 mod chunked;
 mod client_io;
 mod fast;
+mod fds;
 mod hyper_path;
 mod page;
 mod policy;
@@ -43,133 +42,18 @@ mod tcp;
 mod tests;
 mod wake;
 
+pub use fds::{keep_child_fd_limit, raise_fd_limit};
 pub use page::error_page;
 pub use policy::Timeouts;
 pub use switch::{Switch, Target, Upstream};
 pub use tcp::serve_tcp;
 
+use fds::{ClientSlot, accept_failed, client_slots, keep_spare_fd};
 use policy::{CONNECT_TIMEOUT, Failure};
 use switch::Count;
 
 /// How long open connections may take to finish once the proxy is shutting down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Pause after a failed accept that freeing a descriptor cannot help, so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// Descriptors left to the rest of pmesh-dev (the watcher, instances' pipes, the control
-/// socket) when the proxies size their share of the limit.
-const FD_RESERVE: u64 = 64;
-
-/// Raises the soft limit on open descriptors to the hard one: each proxied connection takes
-/// two (client and instance), and the common soft limit of 1,024 is reached by a few hundred
-/// idle browser or test connections. Called once at start; failures leave the limit as it is.
-pub fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let mut want = limit.rlim_max;
-        // macOS refuses more than OPEN_MAX for the soft limit, whatever the hard one says.
-        if cfg!(target_os = "macos") {
-            want = want.min(10240);
-        }
-        if limit.rlim_cur < want {
-            limit.rlim_cur = want;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
-/// Client connections open on every proxy of this process, against [`client_slots`].
-static CLIENTS: AtomicUsize = AtomicUsize::new(0);
-
-/// How many client connections the proxies take at most: half of what the descriptor limit
-/// leaves, since each may hold an upstream connection too. Past it the newest client is
-/// refused, so that the connected ones can still reach their instance.
-fn client_slots() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct passed.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
-        || limit.rlim_cur == libc::RLIM_INFINITY
-    {
-        return usize::MAX;
-    }
-    let spare = limit.rlim_cur.saturating_sub(FD_RESERVE) / 2;
-    usize::try_from(spare).unwrap_or(usize::MAX).max(1)
-}
-
-/// One client connection counted in [`CLIENTS`] until dropped.
-struct ClientSlot;
-
-impl ClientSlot {
-    fn take(slots: usize) -> Option<ClientSlot> {
-        let mut n = CLIENTS.load(Ordering::Relaxed);
-        loop {
-            if n >= slots {
-                return None;
-            }
-            match CLIENTS.compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Some(ClientSlot),
-                Err(now) => n = now,
-            }
-        }
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        CLIENTS.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A descriptor held in reserve: when accept fails for lack of descriptors, closing it lets
-/// the proxy accept the waiting connection and close it at once (the newest client is refused,
-/// instead of being left in the backlog while the accept loop retries).
-static SPARE_FD: Mutex<Option<std::fs::File>> = Mutex::new(None);
-
-fn keep_spare_fd() {
-    let mut spare = SPARE_FD.lock().unwrap_or_else(|e| e.into_inner());
-    if spare.is_none() {
-        *spare = std::fs::File::open("/dev/null").ok();
-    }
-}
-
-/// What an accept loop does after `accept` failed with `e`.
-async fn accept_failed(listener: &TcpListener, e: &std::io::Error) {
-    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-    if out_of_fds {
-        let spare = SPARE_FD.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if spare.is_some() {
-            drop(spare);
-            // Refused: accepted only to be closed.
-            if let Ok(Ok((stream, _))) =
-                tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
-            {
-                drop(stream);
-            }
-            keep_spare_fd();
-            return;
-        }
-    }
-    if e.kind() != ErrorKind::ConnectionAborted {
-        tokio::time::sleep(ACCEPT_BACKOFF).await;
-    }
-}
-
-/// The answer to a client past [`client_slots`]: written in one go on the new socket, whose
-/// send buffer is empty.
-const TOO_MANY: &[u8] =
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
-content-length: 64\r\nretry-after: 1\r\nconnection: close\r\n\r\n\
-The proxy has too many connections open; try again in a moment.\n";
-
 /// Serves HTTP/1.1 on `listener` until `shutdown`, forwarding per the switch's current target.
 ///
 /// The proxy runs on a thread of its own with a single-threaded runtime: a request through it
@@ -267,7 +151,7 @@ async fn serve_http_here(
                         conns.spawn(serve_connection(proxy.clone(), stream, peer, slot));
                     }
                     None => {
-                        let _ = stream.try_write(TOO_MANY);
+                        let _ = stream.try_write(fds::TOO_MANY);
                         proxy.switch.report(format!(
                             "refused a client: {slots} connections open, the most the \
                              descriptor limit allows"
