@@ -670,7 +670,7 @@ fn the_descriptor_limit_is_raised_for_the_proxy_and_not_for_build_steps_or_insta
     }
     let mut w = Watch::spawn_cmd(cmd);
     w.next_build("app");
-    assert_eq!(soft_nofile(w.child.id()), hard.rlim_max as u64);
+    assert_eq!(soft_nofile(w.child.id()), hard.rlim_max);
     let child = std::fs::read_to_string(&seen).expect("the build step wrote its limit");
     assert_eq!(child.trim(), "256");
     assert_eq!(w.interrupt(), Some(0));
