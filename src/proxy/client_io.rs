@@ -27,11 +27,17 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    /// Counts a request (with a body still to read, or not) until the guard drops.
-    pub(super) fn begin(self: &Arc<Self>, body_open: bool) -> Active {
+    /// Counts a request until the guard drops: from now on the proxy waits on the instance
+    /// (or on the service to start), not on the client.
+    pub(super) fn begin(self: &Arc<Self>) -> Active {
         self.requests.fetch_add(1, Ordering::SeqCst);
-        self.body_open.store(body_open, Ordering::SeqCst);
+        self.body_open.store(false, Ordering::SeqCst);
         Active(self.clone())
+    }
+
+    /// The request body is being forwarded: the proxy waits on the client for it.
+    pub(super) fn body_started(&self) {
+        self.body_open.store(true, Ordering::SeqCst);
     }
 
     /// The request body has been read to its end (or will not be read any more).

@@ -294,7 +294,7 @@ pub(super) async fn serve(
 
 impl Proxy {
     async fn handle(&self, down: &Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
-        let active = down.activity.begin(!req.body().is_end_stream());
+        let active = down.activity.begin();
         let host = match check_request(&req) {
             Ok(host) => host,
             Err(refusal) => {
@@ -368,9 +368,9 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         let body = if body.is_end_stream() {
-            active.activity().body_done();
             ClientBody::Empty
         } else {
+            active.activity().body_started();
             ClientBody::Client {
                 body,
                 activity: active.activity().clone(),

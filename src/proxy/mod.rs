@@ -7,19 +7,20 @@
 //!   the old one finish there, counted on its [`Upstream`] until their response is done;
 //! - an idle upstream connection is closed after `UPSTREAM_IDLE`, well before a dev server's
 //!   own keep-alive timeout (Node's is 5 s) would close it under our feet;
-//! - a request that fails on a reused connection before any of it was written is retried once
-//!   on a fresh connection.
+//! - a request whose reused connection turned out closed with no answer is sent once more on
+//!   a fresh connection, when that cannot act on it twice (the retry rule in [`policy`]).
 //!
 //! Each client connection has its own upstream connection, opened on its first request, reused
 //! while the target stays the same, and replaced when the target changes or it was closed. The
-//! upstream connection is driven inside the client connection's task (see [`LocalWake`]), so
+//! upstream connection is driven inside the client connection's task (see [`wake`]), so
 //! forwarding a request hands nothing to another task or thread: that hand-off (a pooled
 //! client's connection task woken for every request) used to cost more than the forwarding.
 //!
 //! The pieces: [`switch`] (what is live, and what is in flight on it), [`policy`] (what is
 //! forwarded and how failures are told: written once, used by both HTTP paths), [`fast`] (the
-//! common requests, parsed in place), [`hyper_path`] (everything else, through hyper), [`tcp`]
-//! (raw TCP) and [`page`] (the HTML pages the proxy answers with).
+//! common requests, parsed in place, with [`chunked`]), [`hyper_path`] (everything else,
+//! through hyper, with [`client_io`] timing out clients and [`wake`]), [`tcp`] (raw TCP),
+//! [`fds`] (descriptor limits) and [`page`] (the HTML pages the proxy answers with).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,7 @@ use switch::Count;
 
 /// How long open connections may take to finish once the proxy is shutting down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves HTTP/1.1 on `listener` until `shutdown`, forwarding per the switch's current target.
 ///
 /// The proxy runs on a thread of its own with a single-threaded runtime: a request through it
