@@ -138,7 +138,7 @@ impl Drop for Tunnel {
 }
 
 /// Where the proxy reports what went wrong in detail (the client's page says it in words).
-pub type Reporter = Arc<dyn Fn(&str) + Send + Sync>;
+pub type FailureSink = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The handle that switches the target; cheap to clone.
 #[derive(Clone)]
@@ -149,10 +149,10 @@ pub struct Switch {
     log: Arc<Mutex<Log>>,
 }
 
-/// The failure log: a reporter, and how many reports were held back since the last one.
+/// The failure log: where it goes, and how many reports were held back since the last one.
 #[derive(Default)]
 struct Log {
-    reporter: Option<Reporter>,
+    sink: Option<FailureSink>,
     last: Option<Instant>,
     held: usize,
 }
@@ -171,15 +171,15 @@ impl Switch {
     }
 
     /// Sends the details of the proxy's failures (a 502's cause, a refused client) to
-    /// `reporter`, at most one a second.
-    pub fn on_failure(&self, reporter: Reporter) {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).reporter = Some(reporter);
+    /// `sink`, at most one a second.
+    pub fn on_failure(&self, sink: FailureSink) {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).sink = Some(sink);
     }
 
     /// Reports `detail` (see [`Switch::on_failure`]).
     pub(super) fn report(&self, detail: String) {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(reporter) = log.reporter.clone() else {
+        let Some(sink) = log.sink.clone() else {
             return;
         };
         if log.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
@@ -190,9 +190,9 @@ impl Switch {
         log.last = Some(Instant::now());
         drop(log);
         if held == 0 {
-            reporter(&detail);
+            sink(&detail);
         } else {
-            reporter(&format!("{detail} (and {held} more since the last report)"));
+            sink(&format!("{detail} (and {held} more since the last report)"));
         }
     }
 
