@@ -151,20 +151,48 @@ fn connection_tokens<'h>(headers: &'h [httparse::Header<'h>]) -> impl Iterator<I
     policy::tokens(all(headers, "connection"))
 }
 
-/// Whether `headers` has a `Connection` header (which may name more hop-by-hop headers).
-fn names_hops(headers: &[httparse::Header<'_>]) -> bool {
-    headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("connection"))
+/// The headers a message's `Connection` header names, found once per message rather than for
+/// each of its headers. Tokens that are hop-by-hop anyway, or `close`, are not kept: the common
+/// `Connection: keep-alive` names nothing more.
+struct Named<'h> {
+    tokens: [&'h [u8]; 8],
+    len: usize,
+    /// More than fit: every header is looked for in the `Connection` header itself.
+    overflow: bool,
 }
 
-/// Whether the header `name` stays out ([`policy::leaves_out`]); `Connection` tokens are
-/// looked at only if `named` (from [`names_hops`]).
-fn leaves_out(headers: &[httparse::Header<'_>], named: bool, name: &str) -> bool {
-    if named {
-        policy::leaves_out(name.as_bytes(), connection_tokens(headers))
-    } else {
-        policy::leaves_out(name.as_bytes(), std::iter::empty())
+impl<'h> Named<'h> {
+    fn of(headers: &'h [httparse::Header<'h>]) -> Named<'h> {
+        let mut named = Named {
+            tokens: [&[][..]; 8],
+            len: 0,
+            overflow: false,
+        };
+        for t in connection_tokens(headers) {
+            if t.eq_ignore_ascii_case(b"close") || policy::leaves_out(t, std::iter::empty()) {
+                continue;
+            }
+            if named.len == named.tokens.len() {
+                named.overflow = true;
+                break;
+            }
+            named.tokens[named.len] = t;
+            named.len += 1;
+        }
+        named
+    }
+
+    /// Whether the header `name` stays out ([`policy::leaves_out`], or
+    /// [`policy::leaves_out_of_request`] for a `request`).
+    fn leaves_out(&self, headers: &'h [httparse::Header<'h>], name: &str, request: bool) -> bool {
+        let name = name.as_bytes();
+        let kept = self.tokens[..self.len].iter().copied();
+        match (self.overflow, request) {
+            (true, true) => policy::leaves_out_of_request(name, connection_tokens(headers)),
+            (true, false) => policy::leaves_out(name, connection_tokens(headers)),
+            (false, true) => policy::leaves_out_of_request(name, kept),
+            (false, false) => policy::leaves_out(name, kept),
+        }
     }
 }
 
@@ -183,7 +211,6 @@ fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> 
         return None;
     }
     let headers = &*req.headers;
-    policy::check_request(method.as_bytes(), true, all(headers, "host")).ok()?;
     let mut close = false;
     for t in connection_tokens(headers) {
         if t.eq_ignore_ascii_case(b"close") {
@@ -192,6 +219,8 @@ fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> 
             return None;
         }
     }
+    // The first two `Host`s: one is right, two are refused.
+    let mut hosts: [Option<&[u8]>; 2] = [None; 2];
     for h in headers {
         let n = h.name;
         if n.eq_ignore_ascii_case("transfer-encoding")
@@ -200,7 +229,13 @@ fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> 
         {
             return None;
         }
+        if n.eq_ignore_ascii_case("host") {
+            let slot = if hosts[0].is_none() { 0 } else { 1 };
+            hosts[slot] = Some(h.value);
+        }
     }
+    let hosts = hosts.into_iter().flatten();
+    policy::check_request(method.as_bytes(), true, hosts).ok()?;
     let body = match only(headers, "content-length").ok()? {
         Some(v) => parse_length(v)?,
         None => 0,
@@ -258,17 +293,20 @@ impl Conn<'_> {
                 // connection ends once idle too long, and the upstream connection is closed
                 // once idle for `UPSTREAM_IDLE`, well before the instance would close it under
                 // a request.
-                let idle_until = self.up.as_ref().map(|up| up.since + UPSTREAM_IDLE);
-                let client_idle_until = self.idle_since + self.timeouts.idle;
+                // One timer for both: one registration per request, not two.
+                let up_until = self.up.as_ref().map(|up| up.since + UPSTREAM_IDLE);
+                let client_until = self.idle_since + self.timeouts.idle;
+                let until = up_until.map_or(client_until, |u| u.min(client_until));
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => return Next::Done,
-                    () = tokio::time::sleep_until(idle_until.unwrap_or_else(Instant::now)),
-                        if idle_until.is_some() => {
+                    () = tokio::time::sleep_until(until) => {
+                        if Instant::now() >= client_until {
+                            return Next::Done;
+                        }
                         self.up = None;
                         continue;
                     }
-                    () = tokio::time::sleep_until(client_idle_until) => return Next::Done,
                     r = read_more(self.client, &mut self.cbuf) => r,
                 }
             };
@@ -491,7 +529,7 @@ fn write_request_head(
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let headers = &*req.headers;
-    let named = names_hops(headers);
+    let named = Named::of(headers);
     let mut host = None;
     let mut forwarded_for = false;
     for h in headers {
@@ -502,7 +540,7 @@ fn write_request_head(
         if h.name.eq_ignore_ascii_case("host") {
             host = Some(h.value);
         }
-        if leaves_out(headers, named, h.name) || policy::replaced(h.name.as_bytes()) {
+        if named.leaves_out(headers, h.name, true) {
             continue;
         }
         header_line(out, h.name.as_bytes(), h.value);
@@ -542,7 +580,7 @@ fn write_response_head(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let headers = &*resp.headers;
-    let named = names_hops(headers);
+    let named = Named::of(headers);
     let chunked = matches!(framing, Framing::Chunked(_));
     for h in headers {
         let te = h.name.eq_ignore_ascii_case("transfer-encoding");
@@ -552,7 +590,7 @@ fn write_response_head(
         } else if cl {
             bodyless && status != 204 && status >= 200
         } else {
-            !leaves_out(headers, named, h.name)
+            !named.leaves_out(headers, h.name, false)
         };
         if keep {
             header_line(out, h.name.as_bytes(), h.value);

@@ -38,67 +38,82 @@ impl Default for Timeouts {
     }
 }
 
-/// The headers that describe one hop rather than the message: both sides of the proxy are
-/// separate connections with their own framing and keep-alive.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Headers that `Connection` may name but that are never removed on that ground: they frame
-/// the message or say where it goes. Removing `Content-Length` while its body is still sent
-/// would make the body a second request (smuggling).
-const KEPT_WHEN_NAMED: [&str; 3] = ["content-length", "transfer-encoding", "host"];
-
-/// The client's own forwarding headers that the proxy replaces with its own
-/// (`X-Forwarded-For` is appended to instead).
-const REPLACED: [&str; 2] = ["x-forwarded-proto", "x-forwarded-host"];
-
-fn among(list: &[&str], name: &[u8]) -> bool {
-    list.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+/// What a header is to the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Special {
+    /// It describes one hop rather than the message: both sides of the proxy are separate
+    /// connections with their own framing and keep-alive. `Transfer-Encoding` is one: each
+    /// side frames its own message.
+    HopByHop,
+    /// `Connection` may name it, but it is never removed on that ground: it frames the
+    /// message or says where it goes. Removing `Content-Length` while its body is still sent
+    /// would make the body a second request (smuggling).
+    Kept,
+    /// The client's own forwarding header, replaced by the proxy's (`X-Forwarded-For` is
+    /// appended to instead).
+    Replaced,
 }
 
-/// Whether `name` is always a hop-by-hop header.
-pub(super) fn is_hop_by_hop(name: &[u8]) -> bool {
-    among(&HOP_BY_HOP, name)
-}
-
-/// Whether a header that a `Connection` token names is removed: any but the framing and `Host`.
-pub(super) fn named_goes(name: &[u8]) -> bool {
-    !among(&KEPT_WHEN_NAMED, name)
+/// What the header `name` is to the policy, if anything; looked up by length and first letter
+/// first, since almost every header of a message is none of these (this runs for each one).
+fn special(name: &[u8]) -> Option<Special> {
+    use Special::{HopByHop, Kept, Replaced};
+    let first = name.first()?.to_ascii_lowercase();
+    let (candidate, kind) = match (name.len(), first) {
+        (2, b't') => ("te", HopByHop),
+        (4, b'h') => ("host", Kept),
+        (7, b't') => ("trailer", HopByHop),
+        (7, b'u') => ("upgrade", HopByHop),
+        (10, b'c') => ("connection", HopByHop),
+        (10, b'k') => ("keep-alive", HopByHop),
+        (14, b'c') => ("content-length", Kept),
+        (16, b'p') => ("proxy-connection", HopByHop),
+        (16, b'x') => ("x-forwarded-host", Replaced),
+        (17, b't') => ("transfer-encoding", HopByHop),
+        (17, b'x') => ("x-forwarded-proto", Replaced),
+        _ => return None,
+    };
+    name.eq_ignore_ascii_case(candidate.as_bytes())
+        .then_some(kind)
 }
 
 /// Whether `name` reads as a framing, routing or hop-by-hop header once `_` is taken for `-`
 /// (`Content_Length`): some servers (CGI-style environments) fold the two together, so such a
 /// header is never forwarded.
 pub(super) fn confusable(name: &[u8]) -> bool {
-    if !name.contains(&b'_') || name.len() > 20 {
+    if !matches!(name.len(), 2 | 4 | 7 | 10 | 14 | 16 | 17) || !name.contains(&b'_') {
         return false;
     }
-    let mut folded = [0u8; 20];
+    let mut folded = [0u8; 17];
     for (f, &b) in folded.iter_mut().zip(name) {
         *f = if b == b'_' { b'-' } else { b };
     }
-    let folded = &folded[..name.len()];
-    is_hop_by_hop(folded) || among(&KEPT_WHEN_NAMED, folded) || among(&REPLACED, folded)
-}
-
-/// Whether a client's header `name` is replaced by the proxy's own.
-pub(super) fn replaced(name: &[u8]) -> bool {
-    among(&REPLACED, name)
+    special(&folded[..name.len()]).is_some()
 }
 
 /// Whether the header `name` stays out of the forwarded message: hop-by-hop, named by the
-/// message's `Connection` header (its `tokens`), or confusable with one of those.
-pub(super) fn leaves_out<'a>(name: &[u8], mut tokens: impl Iterator<Item = &'a [u8]>) -> bool {
-    is_hop_by_hop(name)
-        || confusable(name)
-        || named_goes(name) && tokens.any(|t| t.eq_ignore_ascii_case(name))
+/// message's `Connection` header (its `tokens`: any but framing and `Host`), or confusable with
+/// one of those.
+pub(super) fn leaves_out<'a>(name: &[u8], tokens: impl Iterator<Item = &'a [u8]>) -> bool {
+    leaves(name, tokens, false)
+}
+
+/// [`leaves_out`] for a request's header, and the client's own forwarding headers too (the
+/// proxy writes its own).
+pub(super) fn leaves_out_of_request<'a>(
+    name: &[u8],
+    tokens: impl Iterator<Item = &'a [u8]>,
+) -> bool {
+    leaves(name, tokens, true)
+}
+
+fn leaves<'a>(name: &[u8], mut tokens: impl Iterator<Item = &'a [u8]>, replace: bool) -> bool {
+    match special(name) {
+        Some(Special::HopByHop) => true,
+        Some(Special::Kept) => false,
+        Some(Special::Replaced) if replace => true,
+        _ => confusable(name) || tokens.any(|t| t.eq_ignore_ascii_case(name)),
+    }
 }
 
 /// The comma-separated tokens of `Connection` header values, trimmed.
@@ -185,6 +200,36 @@ pub(super) fn check_request<'a>(
     }
 }
 
+/// The bytes of a `reg-name` (RFC 3986: unreserved, `%` of pct-encoded, sub-delims) but the
+/// comma: a list of hosts is not a host.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    table
+};
+
 /// Whether `v` is `uri-host [":" port]` (RFC 3986), with no comma: a list of hosts is not a
 /// host.
 pub(super) fn valid_host(v: &[u8]) -> bool {
@@ -208,26 +253,7 @@ pub(super) fn valid_host(v: &[u8]) -> bool {
             None => (v, &b""[..]),
         }
     };
-    let reg_name = |b: &u8| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b';'
-                    | b'='
-            )
-    };
+    let reg_name = |b: &u8| REG_NAME[usize::from(*b)];
     let port_ok = match port.strip_prefix(b":") {
         Some(digits) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
         None => port.is_empty(),
@@ -386,6 +412,34 @@ mod tests {
         assert!(leaves_out(b"keep-alive", named()));
         assert!(leaves_out(b"transfer-encoding", named()));
         assert!(!leaves_out(b"x-b", named()));
+    }
+
+    #[test]
+    fn what_each_header_is_to_the_policy() {
+        use Special::{HopByHop, Kept, Replaced};
+        for (name, kind) in [
+            ("Connection", Some(HopByHop)),
+            ("keep-alive", Some(HopByHop)),
+            ("Proxy-Connection", Some(HopByHop)),
+            ("TE", Some(HopByHop)),
+            ("trailer", Some(HopByHop)),
+            ("Transfer-Encoding", Some(HopByHop)),
+            ("upgrade", Some(HopByHop)),
+            ("Content-Length", Some(Kept)),
+            ("HOST", Some(Kept)),
+            ("x-forwarded-proto", Some(Replaced)),
+            ("X-Forwarded-Host", Some(Replaced)),
+            ("x-forwarded-for", None),
+            ("user-agent", None),
+            ("content-type", None),
+        ] {
+            assert_eq!(special(name.as_bytes()), kind, "{name}");
+        }
+        assert!(leaves_out_of_request(
+            b"x-forwarded-host",
+            std::iter::empty()
+        ));
+        assert!(!leaves_out(b"x-forwarded-host", std::iter::empty()));
     }
 
     #[test]
