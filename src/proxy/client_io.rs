@@ -24,6 +24,9 @@ pub(super) struct Activity {
     body_open: AtomicBool,
     /// A request ended since `ClientIo` last looked: the idle time starts again.
     ended: AtomicBool,
+    /// The connection switched protocols: it is a tunnel now, which may idle as it likes
+    /// (a WebSocket between messages).
+    upgraded: AtomicBool,
 }
 
 impl Activity {
@@ -38,6 +41,11 @@ impl Activity {
     /// The request body is being forwarded: the proxy waits on the client for it.
     pub(super) fn body_started(&self) {
         self.body_open.store(true, Ordering::SeqCst);
+    }
+
+    /// The connection becomes a tunnel once the response being sent (a 101) is out.
+    pub(super) fn upgraded(&self) {
+        self.upgraded.store(true, Ordering::SeqCst);
     }
 
     /// The request body has been read to its end (or will not be read any more).
@@ -113,6 +121,9 @@ impl ClientIo {
     /// The deadline of what the connection waits for from the client now, if it waits.
     fn deadline(&mut self, now: Instant) -> Option<Instant> {
         self.sync(now);
+        if self.activity.upgraded.load(Ordering::SeqCst) {
+            return None;
+        }
         if self.activity.requests.load(Ordering::SeqCst) > 0 {
             if !self.activity.body_open.load(Ordering::SeqCst) {
                 // Waiting on the instance, not on the client.

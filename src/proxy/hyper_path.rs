@@ -391,6 +391,8 @@ impl Proxy {
             let Some(client_upgrade) = client_upgrade else {
                 return self.bad_gateway(addr, &Failure::UnaskedUpgrade);
             };
+            // No client timeouts on a tunnel.
+            active.activity().upgraded();
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             let shutdown = self.shutdown.clone();
             let counted = Tunnel::enter(&self.tunnels);

@@ -746,3 +746,35 @@ async fn the_details_of_a_failure_go_to_the_log_at_most_once_a_second() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_is_never_timed_out() {
+    within(async {
+        let a = backend("A").await;
+        let proxy = proxy_with(a.addr, SHORT).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // Quiet for longer than the idle time, then a message sent slower than a head may be.
+        for pause in [SHORT.idle * 2, SHORT.head * 2] {
+            sleep(pause).await;
+            stream.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            stream
+                .read_exact(&mut got)
+                .await
+                .expect("the tunnel was closed");
+            assert_eq!(&got, b"ping");
+        }
+        drop(stream);
+        proxy.stop().await;
+        a.stop().await;
+    })
+    .await;
+}
