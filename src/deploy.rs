@@ -21,7 +21,7 @@ use crate::builder::describe_status;
 use crate::event::{Done, EventKind, Sink};
 use crate::hash::BuildId;
 use crate::manifest::{Protocol, Service};
-use crate::proxy::{self, Switch, Target, Upstream};
+use crate::proxy::{self, Notices, Switch, Target, Upstream};
 use crate::store::{Status, Store};
 use crate::supervisor::{Instance, TAIL, Unhealthy};
 
@@ -123,6 +123,8 @@ enum Request {
     Restart { reply: oneshot::Sender<Ticket> },
     /// The newest build failed: say so to waiting requests if nothing serves.
     BuildFailed { error: String },
+    /// The tree is the live build's again after a failure: the failure no longer stands.
+    Recovered,
 }
 
 /// Why `.run` was not re-pointed.
@@ -174,6 +176,13 @@ impl Deployer {
         let switch = Switch::new(Target::Starting {
             wait: svc.ready_timeout,
         });
+        // Told when a build goes live or fails; HTML pages through the proxy listen, unless
+        // `reload = false`.
+        let notices = Notices::new(&svc.name);
+        let switch = match (svc.reload, svc.protocol) {
+            (true, Protocol::Http) => switch.with_notices(notices.clone()),
+            _ => switch,
+        };
         // The proxy's failures in detail (its pages say them in words): a warning each.
         switch.on_failure({
             let (sink, name) = (sink.clone(), svc.name.clone());
@@ -217,6 +226,7 @@ impl Deployer {
             store,
             sink,
             switch,
+            notices,
             reports,
             mode,
             state: state_tx,
@@ -292,6 +302,11 @@ impl Deployer {
     pub fn build_failed(&self, error: String) {
         let _ = self.requests.send(Request::BuildFailed { error });
     }
+
+    /// Tells open pages that the last failure no longer stands: the tree is the live build's.
+    pub fn recovered(&self) {
+        let _ = self.requests.send(Request::Recovered);
+    }
 }
 
 /// `http://127.0.0.1:8080` for a service whose proxy speaks HTTP.
@@ -358,6 +373,8 @@ struct Actor {
     store: Store,
     sink: Arc<Sink>,
     switch: Switch,
+    /// What open pages are told: a new build live (they reload), a failure (an overlay).
+    notices: Notices,
     reports: mpsc::UnboundedSender<Report>,
     mode: Mode,
     url: Option<String>,
@@ -494,6 +511,7 @@ impl Actor {
                 }
             }
             Request::BuildFailed { error } => {
+                self.notices.problem("the build failed", &error);
                 if matches!(self.phase, Phase::Idle) && self.candidate.is_none() {
                     self.switch.set(Target::Down {
                         status: 503,
@@ -501,6 +519,7 @@ impl Actor {
                     });
                 }
             }
+            Request::Recovered => self.notices.recovered(),
         }
     }
 
@@ -616,6 +635,8 @@ impl Actor {
         let upstream = Upstream::new(c.inst.addr());
         self.switch.set(Target::Live(upstream.clone()));
         let (id, archive) = (c.inst.id, c.inst.archive.clone());
+        // After the swap, never before: a page reloading now lands on this build.
+        self.notices.live(&upstream, &id.to_string());
         // A build once marked unhealthy that serves now (a retry, or a flaky check) is good.
         if self
             .store
@@ -736,6 +757,8 @@ impl Actor {
             }
             _ => None,
         };
+        let detail = format!("{} never became healthy: {reason}", id.short());
+        self.notices.problem("not healthy", &detail);
         self.emit(EventKind::Unhealthy {
             id: id.to_string(),
             archive: archive.to_owned(),
@@ -800,6 +823,12 @@ impl Actor {
         let (id, archive) = (s.inst.id, s.inst.archive.clone());
         self.stop_in_background(s.inst, None, Duration::ZERO);
         let delay = self.go_down(&archive, 502, "crashed, restarting", &reason, &tail);
+        let mut detail = format!("{} {reason}; its last lines:", id.short());
+        for line in &tail {
+            detail.push_str("\n    ");
+            detail.push_str(line);
+        }
+        self.notices.problem("crashed", &detail);
         self.emit(EventKind::Crashed {
             id: id.to_string(),
             reason,

@@ -62,6 +62,9 @@ pub struct Service {
     /// filesystems).
     pub poll: Option<Duration>,
     pub protocol: Protocol,
+    /// HTML pages through the proxy get the script that reloads them when a new build is live
+    /// and shows an overlay when a build fails (`reload = false` turns it off).
+    pub reload: bool,
 }
 
 impl Service {
@@ -179,6 +182,7 @@ const SERVICE_KEYS: &[&str] = &[
     "debounce",
     "poll",
     "protocol",
+    "reload",
 ];
 
 #[derive(Deserialize)]
@@ -211,6 +215,7 @@ struct RawService {
     debounce: Option<Dur>,
     poll: Option<Poll>,
     protocol: Option<Protocol>,
+    reload: Option<bool>,
 }
 
 /// `install`: a command, or `{ run = "...", inputs = [...] }`.
@@ -683,6 +688,7 @@ impl Manifest {
                 debounce: raw.debounce.map_or(Duration::from_millis(50), |d| d.0),
                 poll: raw.poll.and_then(|p| p.0),
                 protocol: raw.protocol.unwrap_or_default(),
+                reload: raw.reload.unwrap_or(true),
             });
         }
         Ok(Manifest {

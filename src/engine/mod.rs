@@ -480,10 +480,13 @@ impl Engine {
                         b.cancel.cancel();
                     }
                 }
-                Effect::Recovered { id } => self.emit(EventKind::UpToDate {
-                    id: id.to_string(),
-                    archive: self.deployer.run().archive,
-                }),
+                Effect::Recovered { id } => {
+                    self.deployer.recovered();
+                    self.emit(EventKind::UpToDate {
+                        id: id.to_string(),
+                        archive: self.deployer.run().archive,
+                    });
+                }
                 Effect::LoopDetected { paths, patterns } => {
                     self.emit(EventKind::LoopDetected { paths, patterns });
                 }

@@ -8,7 +8,8 @@
 //! parsed in place (`httparse`), its head rewritten into one buffer (what [`policy`] leaves out
 //! left out, `X-Forwarded-*` in), and bodies are copied in chunks, never held whole.
 //!
-//! Anything else on a connection (an upgrade, `Expect`, a chunked, HTTP/1.0 or large request,
+//! Anything else on a connection (an upgrade, `Expect`, a chunked, HTTP/1.0 or large request, a
+//! page navigation or `/.pmesh/` path when the proxy injects its reload script,
 //! an absolute-form target, a request the policy refuses, the service starting or down, a head
 //! that does not parse) hands the connection, with what was read of it, to the hyper path for
 //! the rest of its life.
@@ -21,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::chunked::{ChunkError, Chunked};
+use super::inject;
 use super::policy::{self, Failure, Timeouts, UPSTREAM_IDLE};
 use super::switch::{InFlight, Upstream};
 use super::{Proxy, connect};
@@ -204,13 +206,23 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 }
 
 /// The request head's facts, or `None` for anything the hyper path handles (which answers
-/// what the policy refuses).
-fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> {
+/// what the policy refuses, and, when the proxy `injects` its reload script, page navigations
+/// and the proxy's own paths).
+fn classify(req: &httparse::Request<'_, '_>, len: usize, injects: bool) -> Option<RequestHead> {
     let (method, path) = (req.method?, req.path?);
     if req.version != Some(1) || !path.starts_with('/') {
         return None;
     }
     let headers = &*req.headers;
+    if injects
+        && (inject::reserved(path)
+            || inject::navigation(
+                method.as_bytes(),
+                headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+            ))
+    {
+        return None;
+    }
     let mut close = false;
     for t in connection_tokens(headers) {
         if t.eq_ignore_ascii_case(b"close") {
@@ -263,7 +275,8 @@ impl Conn<'_> {
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&self.cbuf) {
                     Ok(httparse::Status::Complete(len)) => {
-                        let Some(head) = classify(&req, len) else {
+                        let injects = self.proxy.notices.is_some();
+                        let Some(head) = classify(&req, len, injects) else {
                             return Next::HandOver;
                         };
                         let Some(in_flight) = self.proxy.switch.live() else {

@@ -1,6 +1,8 @@
 //! The hyper path: every request the fast path leaves (upgrades, chunked or large bodies,
-//! `Expect`, HTTP/1.0, the service starting or down), served and forwarded through hyper.
+//! `Expect`, HTTP/1.0, the service starting or down, page navigations and `/.pmesh/events` when
+//! the proxy injects its reload script), served and forwarded through hyper.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +13,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1;
@@ -18,10 +21,13 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::client_io::{Active, Activity, ClientIo};
+use super::inject;
+use super::notices::Notices;
 use super::page::error_page;
 use super::policy::{self, Failure, UPSTREAM_IDLE};
 use super::switch::{InFlight, Route, Tunnel, Upstream};
@@ -307,11 +313,28 @@ impl Proxy {
                 return resp;
             }
         };
+        // With the reload script on, the proxy answers its own paths and marks navigations.
+        let mut navigation = false;
+        if let Some(notices) = &self.notices {
+            if inject::reserved(req.uri().path()) {
+                return self.own_path(notices, &req, active);
+            }
+            navigation = upgrade_protocol(req.headers()).is_none()
+                && inject::navigation(
+                    req.method().as_str().as_bytes(),
+                    req.headers()
+                        .iter()
+                        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+                );
+        }
         match self.switch.route().await {
-            Route::Live(in_flight) => self.forward(down, in_flight, req, host, active).await,
+            Route::Live(in_flight) => {
+                self.forward(down, in_flight, req, host, active, navigation)
+                    .await
+            }
             Route::Down { status, body } => page(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-                body,
+                self.own_page(body, navigation),
             ),
             Route::Starting { .. } => {
                 let body = error_page(
@@ -320,12 +343,69 @@ impl Proxy {
                     "The service is still starting; try again in a moment.",
                     &[],
                 );
+                let body = self.own_page(body, navigation);
                 let mut resp = page(StatusCode::SERVICE_UNAVAILABLE, body);
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 resp
             }
         }
+    }
+
+    /// A page of the proxy's own (starting, down, bad gateway), with the reload script when it
+    /// answers a navigation: it reloads once a build is live.
+    fn own_page(&self, html: String, navigation: bool) -> String {
+        match (&self.notices, navigation) {
+            (Some(notices), true) => {
+                let script = inject::script(&notices.current_token());
+                String::from_utf8(inject::inject(html.as_bytes(), &script)).unwrap_or(html)
+            }
+            _ => html,
+        }
+    }
+
+    /// Answers a path under [`inject::RESERVED`]: the event stream, or 404.
+    fn own_path(
+        &self,
+        notices: &Notices,
+        req: &Request<Incoming>,
+        active: Active,
+    ) -> Response<ProxyBody> {
+        if req.uri().path() != inject::EVENTS_PATH {
+            let body = error_page(
+                &self.service,
+                "not found",
+                "pmesh-dev has no such path.",
+                &[],
+            );
+            return page(StatusCode::NOT_FOUND, body);
+        }
+        if req.method() != http::Method::GET {
+            let mut resp = page(
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_page(&self.service, "method not allowed", "Use GET.", &[]),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return resp;
+        }
+        let rx = events(notices.clone(), self.shutdown.clone());
+        let mut resp = Response::new(ProxyBody::Events {
+            rx,
+            _active: active,
+        });
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // Proxies in front (a tunnel's nginx) must pass each event at once.
+        headers.insert(
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        );
+        resp
     }
 
     async fn forward(
@@ -335,6 +415,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         host: Option<HeaderValue>,
         active: Active,
+        navigation: bool,
     ) -> Response<ProxyBody> {
         let upstream = in_flight.upstream();
         let addr = upstream.addr();
@@ -362,6 +443,17 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
         }
+        if navigation {
+            // The page is to be rewritten: it must come whole and uncompressed, never as a
+            // 304 for a copy the browser kept (which holds an older build's token and would
+            // reload for ever).
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            parts.headers.remove(header::IF_NONE_MATCH);
+            parts.headers.remove(header::IF_MODIFIED_SINCE);
+        }
         set_forwarded(&mut parts.headers, &down.peer_ip, host.as_ref());
         let host = host.or_else(|| HeaderValue::from_str(&policy::default_host(addr)).ok());
         if let Some(host) = host {
@@ -384,7 +476,14 @@ impl Proxy {
         };
         let mut resp = match sent {
             Ok(resp) => resp,
-            Err(failure) => return self.bad_gateway(addr, &failure),
+            Err(failure) => {
+                let mut resp = self.bad_gateway(addr, &failure);
+                if navigation && let ProxyBody::Page(Some(html)) = resp.body_mut() {
+                    let text = String::from_utf8_lossy(html).into_owned();
+                    *html = Bytes::from(self.own_page(text, true));
+                }
+                return resp;
+            }
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -420,6 +519,14 @@ impl Proxy {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         strip_hop_by_hop(&mut parts.headers);
+        if navigation
+            && let Some(notices) = &self.notices
+            && inject::rewritable(parts.status.as_u16(), &parts.headers)
+        {
+            return self
+                .rewrite_page(notices, down, in_flight, active, parts, body)
+                .await;
+        }
         let body = ProxyBody::Upstream {
             body,
             down: down.clone(),
@@ -427,6 +534,83 @@ impl Proxy {
             _active: active,
         };
         Response::from_parts(parts, body)
+    }
+
+    /// An HTML page with the reload script in it, its length set and its validators gone (they
+    /// describe the instance's bytes, not these). A body too large, or whose end does not come
+    /// in time, passes untouched: what was read of it, then the rest as it comes.
+    async fn rewrite_page(
+        &self,
+        notices: &Notices,
+        down: &Arc<Downstream>,
+        in_flight: InFlight,
+        active: Active,
+        mut parts: http::response::Parts,
+        mut body: Incoming,
+    ) -> Response<ProxyBody> {
+        let declared = body.size_hint().exact();
+        let untouched = |parts, body, held, in_flight, active| {
+            let rest = ProxyBody::Upstream {
+                body,
+                down: down.clone(),
+                _in_flight: in_flight,
+                _active: active,
+            };
+            let body = ProxyBody::Held {
+                held,
+                rest: Box::new(rest),
+            };
+            Response::from_parts(parts, body)
+        };
+        if declared.is_some_and(|n| n > inject::MAX_HTML as u64) {
+            return untouched(parts, body, VecDeque::new(), in_flight, active);
+        }
+        let capacity = declared.map_or(16 << 10, |n| n as usize);
+        let mut html = Vec::with_capacity(capacity);
+        let mut held = VecDeque::new();
+        let deadline = Instant::now() + inject::MAX_HTML_WAIT;
+        let whole = loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => break false,
+                Ok(None) => break true,
+                Ok(Some(Err(e))) => {
+                    let addr = in_flight.upstream().addr();
+                    return self.bad_gateway(addr, &Failure::Http(e));
+                }
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        html.extend_from_slice(&data);
+                        if html.len() > inject::MAX_HTML {
+                            break false;
+                        }
+                    }
+                    // Trailers: the body has ended, but they cannot follow a length.
+                    Err(trailers) => {
+                        held.push_back(trailers);
+                        break false;
+                    }
+                },
+            }
+        };
+        if !whole {
+            if !html.is_empty() {
+                held.push_front(Frame::data(Bytes::from(html)));
+            }
+            return untouched(parts, body, held, in_flight, active);
+        }
+        let token = notices.token(in_flight.upstream().generation());
+        let html = inject::inject(&html, &inject::script(&token));
+        let headers = &mut parts.headers;
+        headers.remove(header::TRANSFER_ENCODING);
+        headers.remove(header::ETAG);
+        headers.remove(header::LAST_MODIFIED);
+        headers.remove(HeaderName::from_static("content-md5"));
+        headers.remove(HeaderName::from_static("digest"));
+        headers.remove(HeaderName::from_static("content-digest"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(html.len()));
+        // The instance is done with this request: the whole body was read.
+        drop((in_flight, active));
+        Response::from_parts(parts, ProxyBody::Page(Some(Bytes::from(html))))
     }
 
     fn bad_gateway(&self, addr: SocketAddr, failure: &Failure) -> Response<ProxyBody> {
@@ -545,8 +729,20 @@ enum ProxyBody {
         /// The request stays in progress on the client connection until its response is done.
         _active: Active,
     },
-    /// A page of the proxy's own; taken when sent.
+    /// A page of the proxy's own (or one it rewrote); taken when sent.
     Page(Option<Bytes>),
+    /// Frames already read from the instance, sent before the rest of its body.
+    Held {
+        held: VecDeque<Frame<Bytes>>,
+        rest: Box<ProxyBody>,
+    },
+    /// The event stream of `/.pmesh/events`, each event as its task sends it; ends when the
+    /// task does (the proxy stops).
+    Events {
+        rx: mpsc::Receiver<Bytes>,
+        /// Keeps the client timeouts off: the stream is a response in progress for its life.
+        _active: Active,
+    },
     Empty,
 }
 
@@ -571,6 +767,11 @@ impl Body for ProxyBody {
                 Pin::new(body).poll_frame(cx)
             }
             ProxyBody::Page(page) => Poll::Ready(page.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Held { held, rest } => match held.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Pin::new(&mut **rest).poll_frame(cx),
+            },
+            ProxyBody::Events { rx, .. } => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
             ProxyBody::Empty => Poll::Ready(None),
         }
     }
@@ -579,6 +780,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Page(page) => page.is_none(),
+            ProxyBody::Held { held, rest } => held.is_empty() && rest.is_end_stream(),
+            ProxyBody::Events { .. } => false,
             ProxyBody::Empty => true,
         }
     }
@@ -589,6 +792,20 @@ impl Body for ProxyBody {
             ProxyBody::Page(page) => {
                 SizeHint::with_exact(page.as_ref().map_or(0, |b| b.len() as u64))
             }
+            ProxyBody::Held { held, rest } => {
+                let sent: u64 = held
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + sent);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + sent);
+                }
+                hint
+            }
+            ProxyBody::Events { .. } => SizeHint::new(),
             ProxyBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -670,4 +887,37 @@ fn set_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, host: Option<&H
             headers.remove(HOST);
         }
     }
+}
+
+/// How often an idle event stream sends a comment, so that a tunnel or proxy in front does not
+/// close it for silence.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The events of one `/.pmesh/events` stream: the state at once (a page compares its token),
+/// then each change, until the client goes or the proxy stops.
+fn events(notices: Notices, shutdown: CancellationToken) -> mpsc::Receiver<Bytes> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut state = notices.subscribe();
+    tokio::spawn(async move {
+        // A page reconnects this soon after the stream ends (pmesh-dev restarted).
+        let first = format!("retry: 500\n{}", notices.event(&state.borrow_and_update()));
+        if tx.send(Bytes::from(first)).await.is_err() {
+            return;
+        }
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tx.closed() => return,
+                changed = state.changed() => match changed {
+                    Ok(()) => Bytes::from(notices.event(&state.borrow_and_update())),
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep(KEEPALIVE) => Bytes::from_static(b": keep-alive\n\n"),
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }

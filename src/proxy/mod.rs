@@ -19,7 +19,8 @@
 //! The pieces: [`switch`] (what is live, and what is in flight on it), [`policy`] (what is
 //! forwarded and how failures are told: written once, used by both HTTP paths), [`fast`] (the
 //! common requests, parsed in place, with [`chunked`]), [`hyper_path`] (everything else,
-//! through hyper, with [`client_io`] timing out clients and [`wake`]), [`tcp`] (raw TCP),
+//! through hyper, with [`client_io`] timing out clients and [`wake`]; page navigations, which
+//! get the reload script of [`inject`] and [`notices`], go this way), [`tcp`] (raw TCP),
 //! [`fds`] (descriptor limits) and [`page`] (the HTML pages the proxy answers with).
 
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ mod client_io;
 mod fast;
 mod fds;
 mod hyper_path;
+mod inject;
+mod notices;
 mod page;
 mod policy;
 mod switch;
@@ -44,6 +47,7 @@ mod tests;
 mod wake;
 
 pub use fds::{keep_child_fd_limit, raise_fd_limit};
+pub use notices::Notices;
 pub use page::error_page;
 pub use policy::Timeouts;
 pub use switch::{Switch, Target, Upstream};
@@ -136,6 +140,7 @@ async fn serve_http_here(
 ) {
     let proxy = Arc::new(Proxy {
         service,
+        notices: switch.notices().cloned(),
         switch,
         shutdown: shutdown.clone(),
         tunnels: Arc::default(),
@@ -203,6 +208,9 @@ struct Proxy {
     tunnels: Arc<Count>,
     /// How long the proxy waits on its clients.
     timeouts: Timeouts,
+    /// What HTML pages are told (the reload script, `/.pmesh/events`); `None` with
+    /// `reload = false`.
+    notices: Option<Notices>,
 }
 
 impl Proxy {

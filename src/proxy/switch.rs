@@ -3,11 +3,13 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
+
+use super::notices::Notices;
 
 /// What the proxy forwards to right now. Switched atomically by `Switch::set`.
 #[derive(Clone, Debug)]
@@ -64,6 +66,9 @@ pub struct Upstream {
     /// Requests, upgraded connections and TCP connections to this instance not finished yet.
     /// Incremented by the proxy when it forwards, decremented when its `InFlight` guard drops.
     in_flight: Count,
+    /// The generation of the build it serves, as [`Notices::live`] numbered it (0 until then):
+    /// written into the pages it answers, so that they reload when a newer one is live.
+    generation: AtomicU64,
 }
 
 impl Upstream {
@@ -72,7 +77,16 @@ impl Upstream {
         Arc::new(Upstream {
             addr,
             in_flight: Count::default(),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_generation(&self, generation: u64) {
+        self.generation.store(generation, Ordering::SeqCst);
     }
 
     /// The instance's address.
@@ -147,6 +161,8 @@ pub struct Switch {
     tx: Arc<watch::Sender<Target>>,
     /// The log of the proxy's failures, set by whoever runs the proxy.
     log: Arc<Mutex<Log>>,
+    /// What open pages are told; `None`: the proxy injects nothing and reserves no path.
+    notices: Option<Notices>,
 }
 
 /// The failure log: where it goes, and how many reports were held back since the last one.
@@ -167,7 +183,20 @@ impl Switch {
         Switch {
             tx: Arc::new(watch::Sender::new(initial)),
             log: Arc::default(),
+            notices: None,
         }
+    }
+
+    /// This switch, with HTML pages through its proxy told what `notices` says (reloaded on a
+    /// new live build, an overlay on a failure). Set before the proxy starts.
+    pub fn with_notices(mut self, notices: Notices) -> Switch {
+        self.notices = Some(notices);
+        self
+    }
+
+    /// The notices pages get, if the proxy injects its script.
+    pub(super) fn notices(&self) -> Option<&Notices> {
+        self.notices.as_ref()
     }
 
     /// Sends the details of the proxy's failures (a 502's cause, a refused client) to
