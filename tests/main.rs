@@ -3,6 +3,7 @@
 
 mod util;
 
+mod browser;
 mod build;
 mod control;
 mod firsthour;
