@@ -153,6 +153,12 @@ fn wrong_types_are_located() {
     );
     expect_bad("[services.app]\nbuild = 5\n", 2, 9, &["wrong type"]);
     expect_bad(
+        "[services.app]\nbuild = \"x\"\nreload = \"no\"\n",
+        3,
+        10,
+        &["wrong type"],
+    );
+    expect_bad(
         "[services.app]\nbuild = \"x\"\nkeep = 1.5\n",
         3,
         8,
@@ -530,6 +536,7 @@ stop_timeout = "10s"
 keep = 2
 ignore = ["*.log", "node_modules/"]
 debounce = "50ms"
+reload = false
 
 [services.api]
 root = "services/api"
