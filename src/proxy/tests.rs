@@ -1,6 +1,7 @@
 //! The proxy's tests: real sockets on both sides.
 
 mod hostile;
+mod reload;
 
 use super::policy::UPSTREAM_IDLE;
 use super::*;
