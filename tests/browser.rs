@@ -122,7 +122,8 @@ const DRIVER: &str = r##"
 const { chromium } = require(process.env.PLAYWRIGHT);
 const fs = require("fs");
 const path = require("path");
-const [url, app, profile] = process.argv.slice(2);
+const [url, app, profile, pmesh] = process.argv.slice(2);
+const { execFileSync } = require("child_process");
 const page = (v) => `<!doctype html>\n<html><head><title>${v}</title></head>\n<body>\n` +
   `<h1 id="v">${v}</h1>\n` +
   `<script>sessionStorage.loads = String(Number(sessionStorage.loads || 0) + 1);</script>\n` +
@@ -182,6 +183,13 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
     check((await loads()) === 3, `the fix reloads once, loads ${await loads()}`);
     check((await tab.$(overlay)) === null, "the fix removes the overlay");
     step("fixed");
+
+    // A rollback is a new build live too (v2, the previous good one): one more reload.
+    execFileSync(pmesh, ["rollback"], { cwd: path.dirname(app), stdio: "ignore" });
+    await waitVersion("v2");
+    await sleep(1000);
+    check((await loads()) === 4, `the rollback reloads once, loads ${await loads()}`);
+    step("rolled back");
   } finally {
     await ctx.close();
   }
@@ -192,7 +200,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 "##;
 
 #[test]
-fn an_open_page_reloads_after_the_swap_shows_a_failed_build_and_reloads_on_the_fix() {
+fn an_open_page_reloads_after_the_swap_shows_a_failed_build_and_reloads_on_the_fix_and_rollback() {
     let t = Tmp::new();
     let port = free_port();
     page_service(&t, port, "");
@@ -206,7 +214,12 @@ fn an_open_page_reloads_after_the_swap_shows_a_failed_build_and_reloads_on_the_f
     let (ok, out, err) = node(
         &t,
         DRIVER,
-        &[&url, &app.to_string_lossy(), &profile.to_string_lossy()],
+        &[
+            &url,
+            &app.to_string_lossy(),
+            &profile.to_string_lossy(),
+            bin(),
+        ],
         Duration::from_secs(150),
     );
     let steps: Vec<&str> = out.lines().collect();
@@ -215,7 +228,10 @@ fn an_open_page_reloads_after_the_swap_shows_a_failed_build_and_reloads_on_the_f
         "the browser run failed\nsteps done: {steps:?}\nstderr:\n{err}\nevents: {:#?}",
         w.seen
     );
-    assert_eq!(steps, ["opened", "reloaded", "overlay", "fixed"]);
+    assert_eq!(
+        steps,
+        ["opened", "reloaded", "overlay", "fixed", "rolled back"]
+    );
     // The pmesh-dev side of the same story (events read so far, and the rest).
     w.quiet_for(0.5);
     let finished: Vec<bool> = (w.seen.iter())
