@@ -207,78 +207,57 @@ fn watch(
     let opts = crate::engine::WatchOptions { poll };
     crate::builder::force_colour(tui || (format == Format::Plain && crate::log::colour_terminal()));
     // Each root is held for the whole watch; a second pmesh-dev on it is refused.
-    let mut roots = Vec::new();
-    for svc in &services {
-        let store = Store::new(&svc.root);
-        let lock = store
-            .lock("pmesh-dev watch")
-            .map_err(|e| anyhow::anyhow!("service `{}`: {e}", svc.name))?;
-        store.recover()?;
-        roots.push((store, lock));
-    }
+    let locks = crate::session::Session::lock_all(&services)?;
     let rt = runtime()?;
     let sink = Sink::new();
     rt.block_on(async {
         let printing = Printer::new(format, services.len() > 1).spawn(&sink);
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut senders = std::collections::BTreeMap::new();
-        for (svc, (store, _)) in services.iter().zip(&roots) {
-            let name = svc.name.clone();
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            senders.insert(name.clone(), tx.clone());
-            control::start(svc, tx, &sink, &shutdown);
-            let fut = crate::engine::run(
-                svc.clone(),
-                store.clone(),
-                m.path.clone(),
-                opts,
-                sink.clone(),
-                shutdown.clone(),
-                rx,
-            );
-            tasks.spawn(async move { (name, fut.await) });
+        let mut session =
+            crate::session::Session::new(&m, names, opts, sink.clone(), shutdown.clone());
+        for (svc, lock) in services.iter().zip(locks) {
+            session.start(svc.clone(), lock);
         }
         let mut errors = Vec::new();
-        if tui {
-            // The TUI owns the terminal; an engine that fails ends it, so the error is seen.
-            let ui = crate::tui::run(services.clone(), &sink, senders, shutdown.clone());
-            tokio::pin!(ui);
-            loop {
-                tokio::select! {
-                    r = &mut ui => {
-                        if let Err(e) = r {
-                            errors.push(format!("error: the terminal UI failed: {e:#}"));
-                        }
-                        break;
+        let senders = session.senders.clone();
+        let ui = async {
+            if tui {
+                crate::tui::run(services.clone(), &sink, senders, shutdown.clone()).await
+            } else {
+                shutdown.cancelled().await;
+                Ok(())
+            }
+        };
+        tokio::pin!(ui);
+        let mut manifest_tick = tokio::time::interval(crate::session::MANIFEST_EVERY);
+        manifest_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = &mut ui => {
+                    if let Err(e) = r {
+                        errors.push(format!("error: the terminal UI failed: {e:#}"));
                     }
-                    Some(joined) = tasks.join_next() => {
-                        let (name, result) = joined?;
-                        if let Err(e) = result {
-                            errors.push(format!("error: service `{name}`: {e:#}"));
-                            shutdown.cancel();
-                        }
-                    }
+                    break;
                 }
-            }
-        } else {
-            drop(senders);
-        }
-        let mut code = EXIT_OK;
-        while let Some(joined) = tasks.join_next().await {
-            let (name, result) = joined?;
-            if let Err(e) = result {
-                errors.push(format!("error: service `{name}`: {e:#}"));
-                // One service that cannot be watched stops the whole watch: a partial one
-                // would look like it works.
-                shutdown.cancel();
+                failed = session.next_failure(), if !session.is_empty() => match failed {
+                    Some(f) => {
+                        // One service that cannot be watched stops the whole watch: a partial
+                        // one would look like it works.
+                        errors.push(format!("error: service `{}`: {:#}", f.service, f.error));
+                        shutdown.cancel();
+                    }
+                    None => break,
+                },
+                _ = manifest_tick.tick() => session.check_manifest().await,
             }
         }
-        for svc in &services {
-            control::remove(&svc.root);
+        shutdown.cancel();
+        while let Some(f) = session.next_failure().await {
+            errors.push(format!("error: service `{}`: {:#}", f.service, f.error));
         }
         printing.finish().await;
+        let mut code = EXIT_OK;
         for e in &errors {
             eprintln!("{e}");
             code = EXIT_FAILED;

@@ -55,6 +55,45 @@ pub enum Why {
     Rollback,
 }
 
+/// Start order between services (`depends_on`): this service's first instance starts once
+/// every service it depends on is live; and it says when it is.
+#[derive(Default)]
+pub struct Gate {
+    /// Set once this service is live (or, with nothing to run, once `.run` holds a build).
+    pub live: Option<watch::Sender<bool>>,
+    /// The services waited for, and whether each is live.
+    pub deps: Vec<(String, watch::Receiver<bool>)>,
+}
+
+impl Gate {
+    fn open(&self) -> bool {
+        self.deps.iter().all(|(_, rx)| *rx.borrow())
+    }
+
+    fn waiting_for(&self) -> Vec<String> {
+        (self.deps.iter())
+            .filter(|(_, rx)| !*rx.borrow())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Resolves once every dependency is live.
+    async fn opened(deps: &mut [(String, watch::Receiver<bool>)]) {
+        for (_, rx) in deps.iter_mut() {
+            if rx.wait_for(|live| *live).await.is_err() {
+                // That service's watch stopped: it is waited for no more.
+                continue;
+            }
+        }
+    }
+
+    fn set_live(&self) {
+        if let Some(tx) = &self.live {
+            tx.send_replace(true);
+        }
+    }
+}
+
 /// What the deployer tells its owner.
 #[derive(Debug)]
 pub enum Report {
@@ -171,6 +210,7 @@ impl Deployer {
         sink: Arc<Sink>,
         shutdown: CancellationToken,
         mode: Mode,
+        gate: Gate,
     ) -> anyhow::Result<(Deployer, mpsc::UnboundedReceiver<Report>, Tasks)> {
         let mode = if svc.serves() { mode } else { Mode::Flip };
         let switch = Switch::new(Target::Starting {
@@ -235,6 +275,8 @@ impl Deployer {
             backoff: MIN_BACKOFF,
             stopping: JoinSet::new(),
             draining: Vec::new(),
+            gate,
+            held: None,
         };
         let actor = tokio::spawn(actor.run(rx, shutdown));
         Ok((
@@ -387,6 +429,9 @@ struct Actor {
     stopping: JoinSet<String>,
     /// The archives those instances run from: not to be deleted until they stop.
     draining: Vec<String>,
+    gate: Gate,
+    /// The first instance, held until the services this one depends on are live.
+    held: Option<(String, BuildId, Kind, Vec<Resolver>)>,
 }
 
 async fn health_of(
@@ -424,9 +469,18 @@ impl Actor {
                 (Phase::Down { at, .. }, None) => Some(*at),
                 _ => None,
             };
+            let holding = self.held.is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = Gate::opened(&mut self.gate.deps), if holding => {
+                    // Only the first instance waits (and a dependency whose watch stopped is
+                    // waited for no more).
+                    self.gate.deps.clear();
+                    if let Some((archive, id, kind, waiters)) = self.held.take() {
+                        self.start_candidate(archive, id, kind, waiters).await;
+                    }
+                }
                 request = rx.recv() => match request {
                     Some(r) => self.on_request(r).await,
                     None => break,
@@ -540,6 +594,7 @@ impl Actor {
     /// `.run` now holds `archive`: prove it (or, with nothing to run, settle at once).
     async fn serve_published(&mut self, archive: String, id: BuildId, resolver: Resolver) {
         if self.mode == Mode::Flip {
+            self.gate.set_live();
             self.prune();
             resolver.resolve(Done::new(0, format!(".run -> {archive} ({})", id.short())));
             return;
@@ -574,6 +629,19 @@ impl Actor {
         mut kind: Kind,
         mut waiters: Vec<Resolver>,
     ) {
+        if matches!(self.phase, Phase::Idle) && !self.gate.open() {
+            // Newest wins here too: what was held waits with this one.
+            if let Some((.., held)) = self.held.take() {
+                waiters.extend(held);
+            }
+            self.emit(EventKind::Waiting {
+                id: id.to_string(),
+                archive: archive.clone(),
+                for_services: self.gate.waiting_for(),
+            });
+            self.held = Some((archive, id, kind, waiters));
+            return;
+        }
         loop {
             if let Some(c) = self.candidate.take() {
                 c.health.abort();
@@ -632,6 +700,7 @@ impl Actor {
 
     /// The candidate is healthy: traffic moves to it, and the old instance is drained.
     fn go_live(&mut self, c: Candidate) {
+        self.gate.set_live();
         let upstream = Upstream::new(c.inst.addr());
         self.switch.set(Target::Live(upstream.clone()));
         let (id, archive) = (c.inst.id, c.inst.archive.clone());
@@ -932,8 +1001,15 @@ pub async fn run_only(
             svc.root.display()
         );
     }
-    let (deployer, mut reports, tasks) =
-        Deployer::start(svc.clone(), store, sink, shutdown.clone(), Mode::Run).await?;
+    let (deployer, mut reports, tasks) = Deployer::start(
+        svc.clone(),
+        store,
+        sink,
+        shutdown.clone(),
+        Mode::Run,
+        Gate::default(),
+    )
+    .await?;
     deployer.serve();
     let mut result = Ok(());
     loop {

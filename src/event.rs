@@ -79,6 +79,14 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         url: Option<String>,
     },
+    /// Build `id` (in `archive`) is ready to start, but its service's first instance waits
+    /// until the services it depends on (`for_services`) are live.
+    Waiting {
+        id: String,
+        archive: String,
+        #[serde(rename = "for")]
+        for_services: Vec<String>,
+    },
     /// An instance never became healthy: the archive is marked unhealthy and `.run` went
     /// `back` to the build that serves (or the newest good one before it). With nothing to go
     /// back to, `watch` starts the same build again after `retry_in_ms`.
@@ -128,6 +136,19 @@ pub enum EventKind {
     },
     Warning {
         message: String,
+    },
+    /// `pmesh.toml` was edited while watching and has an error (located in `message`):
+    /// nothing changed. `service` is empty.
+    ManifestError {
+        file: String,
+        message: String,
+    },
+    /// `pmesh.toml` was edited while watching and applied. `service` is empty.
+    ManifestApplied {
+        file: String,
+        added: Vec<String>,
+        removed: Vec<String>,
+        changed: Vec<String>,
     },
 }
 

@@ -15,6 +15,7 @@ pub mod log;
 pub mod manifest;
 pub mod pipeline;
 pub mod proxy;
+pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod tui;

@@ -246,6 +246,14 @@ impl Printer {
                     human_ms(*restart_in_ms)
                 ),
             ),
+            EventKind::Waiting {
+                id, for_services, ..
+            } => format!(
+                "{} is built; its first instance starts once {} {} live",
+                short(id),
+                for_services.join(", "),
+                if for_services.len() == 1 { "is" } else { "are" }
+            ),
             EventKind::Stopped { id, port, .. } => {
                 format!("stopped the instance of {} on port {port}", short(id))
             }
@@ -260,6 +268,33 @@ impl Printer {
                 self.paint(YELLOW, &format!("build {} cancelled", short(id)))
             }
             EventKind::Warning { message } => self.paint(YELLOW, &format!("warning: {message}")),
+            EventKind::ManifestError { message, .. } => self.paint(
+                RED,
+                &format!(
+                    "the manifest has an error; nothing changed until it is fixed:\n{message}"
+                ),
+            ),
+            EventKind::ManifestApplied {
+                file,
+                added,
+                removed,
+                changed,
+            } => {
+                let mut parts = Vec::new();
+                for (what, list) in [
+                    ("started", added),
+                    ("stopped", removed),
+                    ("restarted", changed),
+                ] {
+                    if !list.is_empty() {
+                        parts.push(format!("{what} {}", list.join(", ")));
+                    }
+                }
+                if parts.is_empty() {
+                    parts.push("no service changed".to_owned());
+                }
+                format!("applied {file}: {}", parts.join("; "))
+            }
             EventKind::Output { .. } => return None,
         };
         Some(format!("{head}  {body}"))

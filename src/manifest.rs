@@ -29,7 +29,7 @@ pub struct Manifest {
 }
 
 /// One service, resolved and checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub name: String,
     /// Absolute, canonical service root.
@@ -65,6 +65,8 @@ pub struct Service {
     /// HTML pages through the proxy get the script that reloads them when a new build is live
     /// and shows an overlay when a build fails (`reload = false` turns it off).
     pub reload: bool,
+    /// Services whose first instance must be live before this one's first starts.
+    pub depends_on: Vec<String>,
 }
 
 impl Service {
@@ -183,6 +185,7 @@ const SERVICE_KEYS: &[&str] = &[
     "poll",
     "protocol",
     "reload",
+    "depends_on",
 ];
 
 #[derive(Deserialize)]
@@ -216,6 +219,8 @@ struct RawService {
     poll: Option<Poll>,
     protocol: Option<Protocol>,
     reload: Option<bool>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
 }
 
 /// `install`: a command, or `{ run = "...", inputs = [...] }`.
@@ -475,6 +480,8 @@ impl Manifest {
         raw_services.sort_by_key(|(k, _)| k.span().start);
 
         let mut services = Vec::with_capacity(raw_services.len());
+        // Each service's dependencies as written, for the checks once all are known.
+        let mut deps: Vec<(String, Vec<Spanned<String>>)> = Vec::new();
         for (name, raw) in raw_services {
             let name_span = name.span();
             let name = name.into_inner();
@@ -665,6 +672,7 @@ impl Manifest {
                     ),
                 ));
             }
+            deps.push((name.clone(), raw.depends_on.clone()));
             let ignore_root = if root.starts_with(&dir) {
                 dir.clone()
             } else {
@@ -689,7 +697,35 @@ impl Manifest {
                 poll: raw.poll.and_then(|p| p.0),
                 protocol: raw.protocol.unwrap_or_default(),
                 reload: raw.reload.unwrap_or(true),
+                depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             });
+        }
+        for (name, list) in &deps {
+            for d in list {
+                if !services.iter().any(|s| s.name == *d.get_ref()) {
+                    return Err(located(
+                        d.span(),
+                        &format!(
+                            "service `{name}` depends on `{}`, which is not a service here",
+                            d.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(cycle) = find_cycle(&services) {
+            let first = &cycle[0];
+            let span = (deps.iter())
+                .find(|(n, _)| n == first)
+                .and_then(|(_, l)| l.iter().find(|d| *d.get_ref() == cycle[1]))
+                .map_or(0..0, Spanned::span);
+            return Err(located(
+                span,
+                &format!(
+                    "depends_on makes a cycle: {} (a service cannot wait for itself)",
+                    cycle.join(" -> ")
+                ),
+            ));
         }
         Ok(Manifest {
             path: path.to_path_buf(),
@@ -750,6 +786,40 @@ impl Manifest {
             ))),
         }
     }
+}
+
+/// A dependency cycle, as the names along it with the first repeated at the end.
+fn find_cycle(services: &[Service]) -> Option<Vec<String>> {
+    fn visit<'a>(
+        s: &'a Service,
+        all: &'a [Service],
+        path: &mut Vec<&'a str>,
+        done: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| *p == s.name) {
+            let mut cycle: Vec<String> = path[i..].iter().map(|p| (*p).to_owned()).collect();
+            cycle.push(s.name.clone());
+            return Some(cycle);
+        }
+        if done.contains(&s.name.as_str()) {
+            return None;
+        }
+        path.push(&s.name);
+        for d in &s.depends_on {
+            if let Some(dep) = all.iter().find(|x| x.name == *d)
+                && let Some(c) = visit(dep, all, path, done)
+            {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.push(&s.name);
+        None
+    }
+    let mut done = Vec::new();
+    services
+        .iter()
+        .find_map(|s| visit(s, services, &mut Vec::new(), &mut done))
 }
 
 /// Turns serde's wording into the manifest's: keys, not fields, with a suggestion.

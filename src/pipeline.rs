@@ -56,6 +56,7 @@ pub async fn build(
         sink.clone(),
         cancel.child_token(),
         Mode::Flip,
+        crate::deploy::Gate::default(),
     )
     .await?;
     let outcome = build_tree(

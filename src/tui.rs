@@ -75,6 +75,16 @@ fn builds_of(store: &Store, serving: Option<&str>) -> Vec<BuildRow> {
         .collect()
 }
 
+/// The engine of `service`, while it runs.
+fn sender(
+    commands: &crate::session::Senders,
+    service: &str,
+) -> Option<mpsc::UnboundedSender<Command>> {
+    (commands.lock().unwrap_or_else(|e| e.into_inner()))
+        .get(service)
+        .cloned()
+}
+
 /// The id, archive and log lines of the build `.run` holds, when its log was kept.
 fn live_log(store: &Store) -> Option<(String, String, Vec<String>)> {
     let archive = store.archive(&store.live()?)?;
@@ -135,6 +145,13 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
             ),
         },
         EventKind::UpToDate { id, .. } => EngineEvent::UpToDate { id },
+        EventKind::ManifestError { message, .. } => EngineEvent::Warning {
+            message: format!("the manifest has an error, nothing changed: {message}"),
+        },
+        EventKind::ManifestApplied { .. } => return None,
+        EventKind::Waiting { for_services, .. } => EngineEvent::Warning {
+            message: format!("waiting for {} to be live", for_services.join(", ")),
+        },
         EventKind::Reused { .. } | EventKind::Pruned { .. } | EventKind::Rescan { .. } => {
             return None;
         }
@@ -162,7 +179,7 @@ fn touches_builds(kind: &EventKind) -> bool {
 pub async fn run(
     services: Vec<Arc<Service>>,
     sink: &Sink,
-    commands: BTreeMap<String, mpsc::UnboundedSender<Command>>,
+    commands: crate::session::Senders,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut events = sink.subscribe();
@@ -176,7 +193,7 @@ pub async fn run(
 async fn event_loop(
     services: &[Arc<Service>],
     events: &mut Subscription,
-    commands: &BTreeMap<String, mpsc::UnboundedSender<Command>>,
+    commands: &crate::session::Senders,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let stores: BTreeMap<String, Store> = services
@@ -234,7 +251,7 @@ async fn event_loop(
                 match command {
                     ui::Command::Quit => return Ok(()),
                     ui::Command::Rollback { service, archive } => {
-                        if let Some(tx) = commands.get(&service) {
+                        if let Some(tx) = sender(commands, &service) {
                             let _ = tx.send(Command::Rollback {
                                 build: Some(archive),
                                 reply: None,
@@ -242,7 +259,7 @@ async fn event_loop(
                         }
                     }
                     ui::Command::Rebuild { service } => {
-                        if let Some(tx) = commands.get(&service) {
+                        if let Some(tx) = sender(commands, &service) {
                             let _ = tx.send(Command::Build {
                                 force: true,
                                 reply: None,
@@ -250,7 +267,7 @@ async fn event_loop(
                         }
                     }
                     ui::Command::Restart { service } => {
-                        if let Some(tx) = commands.get(&service) {
+                        if let Some(tx) = sender(commands, &service) {
                             let _ = tx.send(Command::Restart { reply: None });
                         }
                     }

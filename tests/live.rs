@@ -70,7 +70,7 @@ fn an_edit_during_a_build_cancels_it_as_soon_as_its_step_exits() {
     t.write("app/v.txt", "one\n");
     let mut w = Watch::start(&t, &[], &[], &["app"]);
     w.next_build("app");
-    t.write("app/v.txt", "slow\n");
+    t.write_atomic("app/v.txt", "slow\n");
     wait_event(&mut w, "build_started");
     std::thread::sleep(Duration::from_millis(200));
     let edited = Instant::now();
@@ -284,7 +284,7 @@ fn a_forced_rebuild_replaces_its_archive_so_rollback_reaches_the_previous_build(
     test_service(&t, port, "keep = 2");
     let mut w = Watch::start(&t, &[], &[], &["app"]);
     let v1 = wait_event(&mut w, "live");
-    t.write("app/version.txt", "v2\n");
+    t.write_atomic("app/version.txt", "v2\n");
     let v2 = wait_event(&mut w, "live");
     t.run(&["build", "--force"]).ok();
     let forced = wait_event(&mut w, "live");
@@ -314,9 +314,10 @@ fn build_sent_to_a_running_watch_returns_once_the_new_build_serves() {
     test_service(&t, port, "");
     let mut w = Watch::start(&t, &[], &[], &["app"]);
     wait_event(&mut w, "live");
-    // The next build takes most of a second to become healthy.
-    t.write("app/ready_after.txt", "800\n");
-    t.write("app/version.txt", "v2\n");
+    // Builds from now on take most of a second to become healthy.
+    t.write_atomic("app/ready_after.txt", "800\n");
+    wait_event(&mut w, "live");
+    t.write_atomic("app/version.txt", "v2\n");
     wait_event(&mut w, "build_started");
     let b = t.run(&["build"]).ok();
     let (_, body) = get(port, "/");

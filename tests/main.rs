@@ -11,5 +11,6 @@ mod hash;
 mod live;
 mod manifest;
 mod serve;
+mod session;
 mod tui;
 mod watch;

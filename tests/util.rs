@@ -44,6 +44,16 @@ impl Tmp {
         p
     }
 
+    /// Writes `content` to `rel` in one rename, so that no watcher can see it half written
+    /// (on a loaded machine a plain write's truncation can be built on its own).
+    pub fn write_atomic(&self, rel: &str, content: &str) -> PathBuf {
+        let p = self.join(rel);
+        let tmp = self.join(&format!("{rel}.pmesh-test-tmp"));
+        fs::write(&tmp, content).expect("write temp file");
+        fs::rename(&tmp, &p).expect("rename over");
+        p
+    }
+
     pub fn read(&self, rel: &str) -> String {
         fs::read_to_string(self.join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
     }

@@ -87,25 +87,34 @@ struct Engine {
     /// `decide` was called while `early` was pending: the period's end must decide, whatever
     /// it finds.
     deferred: bool,
-    /// The manifest: an edit is reported (it applies at the next start).
-    manifest_path: PathBuf,
-    manifest_warned: bool,
     /// When the digest cache was last written.
     saved_at: Instant,
+}
+
+/// What one service's watch is about.
+pub struct Watched {
+    pub svc: Arc<Service>,
+    pub store: Store,
+    pub manifest_path: PathBuf,
+    pub opts: WatchOptions,
 }
 
 /// Watches `svc` until `shutdown`: serves what `.run` holds at once, builds if the tree
 /// differs, then after every change, and carries out `commands` (of the TUI and of the control
 /// socket). The caller holds the root's lock.
 pub async fn run(
-    svc: Arc<Service>,
-    store: Store,
-    manifest_path: PathBuf,
-    opts: WatchOptions,
+    watched: Watched,
     sink: Arc<Sink>,
     shutdown: CancellationToken,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    gate: deploy::Gate,
 ) -> anyhow::Result<()> {
+    let Watched {
+        svc,
+        store,
+        manifest_path,
+        opts,
+    } = watched;
     let started = Instant::now();
     let reaped = tokio::task::block_in_place(|| supervisor::reap_leftovers(&store));
     if reaped > 0 {
@@ -122,6 +131,7 @@ pub async fn run(
         sink.clone(),
         shutdown.clone(),
         Mode::Watch,
+        gate,
     )
     .await?;
     // The live build serves while the tree is hashed and, if it changed, built.
@@ -156,8 +166,6 @@ pub async fn run(
         rescan: None,
         early: None,
         deferred: false,
-        manifest_path,
-        manifest_warned: false,
         saved_at: Instant::now(),
     };
     trim_heap();
@@ -166,12 +174,9 @@ pub async fn run(
     }
     if engine.poll.is_none() {
         let tree = engine.tree();
-        // The manifest's own directory too, so that an edit of it can be reported.
-        let manifest_dir = (engine.manifest_path.parent()).filter(|d| !tree.has_dir(d));
         let added = tokio::task::block_in_place(|| {
             let mut w = DirWatcher::new(tx.clone(), tree.root().to_path_buf())?;
             w.add(tree.dir_paths())?;
-            w.add(manifest_dir.into_iter())?;
             Ok::<_, WatchError>(w)
         });
         match added {
@@ -295,14 +300,6 @@ impl Engine {
                     return;
                 };
                 let mut rels = Vec::new();
-                if !self.manifest_warned && paths.contains(&self.manifest_path) {
-                    self.manifest_warned = true;
-                    let message = format!(
-                        "{} changed: restart pmesh-dev watch to apply it",
-                        self.manifest_path.display()
-                    );
-                    self.emit(EventKind::Warning { message });
-                }
                 for p in paths {
                     if tree.concerns(&p) {
                         if let Ok(rel) = p.strip_prefix(tree.root()) {
