@@ -4,6 +4,7 @@
 #
 #   benches/serve.sh                              # the defaults below
 #   SWAPS=12 LOAD_S=15 CMP_S=10 EDITS=20 benches/serve.sh
+#   SERVICE_EXTRA='reload = false' benches/serve.sh   # more keys for the service (an A/B)
 #
 # It builds pmesh-dev in release, installs wrk (Debian's package) if missing, and sets up a
 # service in a temporary directory: fixtures/testsrv/server.js (node) built by copying it and
@@ -96,6 +97,7 @@ debounce = "${DEBOUNCE_MS}ms"
 ready_timeout = "10s"
 stop_timeout = "3s"
 keep = 3
+${SERVICE_EXTRA:-}
 EOF
 
 # ==============================================================================================

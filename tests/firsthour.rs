@@ -166,7 +166,13 @@ fn a_static_service_is_served_by_pmesh_dev_with_etags_ranges_and_an_spa_fallback
         "GET /users/42 HTTP/1.1\r\nAccept: text/html,application/xhtml+xml\r\n",
     );
     assert_eq!(status, 200);
-    assert_eq!(body, b"<html><body>home v1</body></html>\n");
+    // A navigation (it accepts HTML): the index, with the reload script before `</body>`.
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("<html><body>home v1<script data-pmesh-dev>")
+            && body.ends_with("</script></body></html>\n"),
+        "{body}"
+    );
     let (status, _, _) = request(port, "GET /missing.js HTTP/1.1\r\nAccept: */*\r\n");
     assert_eq!(status, 404);
     let (status, _, _) = request(port, "GET /../../etc/passwd HTTP/1.1\r\n");
