@@ -9,5 +9,6 @@ mod hash;
 mod live;
 mod manifest;
 mod serve;
+mod stacks;
 mod tui;
 mod watch;

@@ -678,7 +678,11 @@ fn init_guesses_from_package_json() {
     t.write("bare/package.json", r#"{"name": "bare"}"#);
     let (_, svc) = only_service(&init_in(&t, "bare"));
     let build = steps(&svc);
-    assert_eq!(svc["install"]["run"].as_str(), Some("npm install"), "{svc:?}");
+    assert_eq!(
+        svc["install"]["run"].as_str(),
+        Some("npm install"),
+        "{svc:?}"
+    );
     assert!(
         !build.iter().any(|s| s.contains("npm run build")),
         "no build script, no `npm run build`: {build:?}"
