@@ -36,6 +36,12 @@ pub enum BuildFailure {
         status: ExitStatus,
         tail: Vec<String>,
     },
+    #[error("{}", install_failure(.command, .status, .tail))]
+    Install {
+        command: String,
+        status: ExitStatus,
+        tail: Vec<String>,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error("cannot run build step `{step}`: {error}")]
@@ -52,6 +58,21 @@ fn step_failure(
     let mut s = format!(
         "step {} of {count} (`{step}`) failed with {}",
         index + 1,
+        describe_status(status)
+    );
+    if !tail.is_empty() {
+        s.push_str("; its last lines:");
+        for l in tail {
+            s.push_str("\n    ");
+            s.push_str(l);
+        }
+    }
+    s
+}
+
+fn install_failure(command: &str, status: &ExitStatus, tail: &[String]) -> String {
+    let mut s = format!(
+        "install (`{command}`) failed with {}",
         describe_status(status)
     );
     if !tail.is_empty() {
@@ -120,6 +141,92 @@ pub async fn run_steps(
                 status,
                 tail,
             });
+        }
+    }
+    Ok(())
+}
+
+/// What the install step last succeeded with: its command and a digest of each input.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct InstallRecord {
+    command: String,
+    /// Input path -> xxh3-128 of its content (hex), or "" for a missing file.
+    inputs: std::collections::BTreeMap<String, String>,
+}
+
+fn install_state(svc: &Service, install: &crate::manifest::Install) -> InstallRecord {
+    let inputs = (install.inputs.iter())
+        .map(|p| {
+            let digest = std::fs::read(svc.root.join(p))
+                .map(|b| format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&b)))
+                .unwrap_or_default();
+            (p.clone(), digest)
+        })
+        .collect();
+    InstallRecord {
+        command: install.run.clone(),
+        inputs,
+    }
+}
+
+/// Runs `svc`'s install step (its dependencies, in the service root) when its command or the
+/// content of its inputs changed since it last succeeded; `record` is where that success is
+/// kept. Its output goes where a step's goes; it fails like one.
+pub async fn install(
+    svc: &Service,
+    record: &Path,
+    build_dir: &Path,
+    id: BuildId,
+    reporter: &Arc<Sink>,
+    log: &mut BuildLog,
+    cancel: &CancellationToken,
+) -> Result<(), BuildFailure> {
+    let Some(install) = &svc.install else {
+        return Ok(());
+    };
+    let last: InstallRecord = std::fs::read(record)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let now = install_state(svc, install);
+    if now == last {
+        return Ok(());
+    }
+    let why = if last.command.is_empty() {
+        "not run here yet".to_owned()
+    } else if last.command != now.command {
+        "its command changed".to_owned()
+    } else {
+        let changed: Vec<&str> = (now.inputs.iter())
+            .filter(|(p, d)| last.inputs.get(*p) != Some(*d))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        format!("{} changed", changed.join(", "))
+    };
+    let line = format!("$ {}   # install: {why}", install.run);
+    log.write(&line);
+    reporter.now(
+        &svc.name,
+        EventKind::Output {
+            line,
+            source: "build".to_owned(),
+        },
+    );
+    let (status, tail) = run_step(svc, &install.run, build_dir, id, reporter, log, cancel).await?;
+    if !status.success() {
+        log.write(&format!("# failed with {}", describe_status(&status)));
+        return Err(BuildFailure::Install {
+            command: install.run.clone(),
+            status,
+            tail,
+        });
+    }
+    // Read again: the install itself may rewrite its lockfile.
+    let done = install_state(svc, install);
+    if let Ok(body) = serde_json::to_vec_pretty(&done) {
+        let tmp = record.with_extension("tmp");
+        if std::fs::write(&tmp, body).is_ok() {
+            let _ = std::fs::rename(&tmp, record);
         }
     }
     Ok(())

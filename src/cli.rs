@@ -289,10 +289,7 @@ fn watch(
 fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
     let selected = m.select(names).map_err(usage)?;
-    if let Some(s) = selected
-        .iter()
-        .find(|s| s.run.is_none() && !names.is_empty())
-    {
+    if let Some(s) = selected.iter().find(|s| !s.serves() && !names.is_empty()) {
         return Err(usage(anyhow::anyhow!(
             "service `{}` has no `run` command in {}",
             s.name,
@@ -301,7 +298,7 @@ fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> 
     }
     let services: Vec<_> = selected
         .into_iter()
-        .filter(|s| s.run.is_some())
+        .filter(|s| s.serves())
         .cloned()
         .map(Arc::new)
         .collect();

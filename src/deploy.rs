@@ -171,7 +171,7 @@ impl Deployer {
         shutdown: CancellationToken,
         mode: Mode,
     ) -> anyhow::Result<(Deployer, mpsc::UnboundedReceiver<Report>, Tasks)> {
-        let mode = if svc.run.is_none() { Mode::Flip } else { mode };
+        let mode = if svc.serves() { mode } else { Mode::Flip };
         let switch = Switch::new(Target::Starting {
             wait: svc.ready_timeout,
         });

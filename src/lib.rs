@@ -7,6 +7,7 @@ pub mod control;
 pub mod deploy;
 pub mod engine;
 pub mod event;
+pub mod files;
 pub mod guardian;
 pub mod hash;
 pub mod init;

@@ -64,6 +64,13 @@ pub struct Service {
     pub protocol: Protocol,
 }
 
+impl Service {
+    /// Whether `watch` and `run` start instances of it: a `run` command or `static` files.
+    pub fn serves(&self) -> bool {
+        self.run.is_some() || self.static_files.is_some()
+    }
+}
+
 /// The `install` step: `run` with `sh -c` in the root before the build steps, only when the
 /// content of `inputs` (paths relative to the root) changed since it last succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -183,7 +183,12 @@ pub async fn build_id(
     let (log_path, log_name) = store.new_log()?;
     let mut log = BuildLog::new(File::create(&log_path).ok());
     steps.set(true);
-    let result = builder::run_steps(svc, &build_dir, id, sink, &mut log, cancel).await;
+    let record = store.state_dir("")?.join("install.json");
+    let result = match builder::install(svc, &record, &build_dir, id, sink, &mut log, cancel).await
+    {
+        Ok(()) => builder::run_steps(svc, &build_dir, id, sink, &mut log, cancel).await,
+        Err(e) => Err(e),
+    };
     steps.set(false);
     let duration = started.elapsed();
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);

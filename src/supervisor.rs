@@ -64,11 +64,22 @@ pub struct Instance {
     /// The archive it runs from.
     pub archive: String,
     pub port: u16,
-    pgid: i32,
+    /// What runs: a process group of the run command, or pmesh-dev's own file server.
+    runs: Runs,
     /// Becomes `Some` when the instance's main process exits.
     exit: watch::Receiver<Option<ExitStatus>>,
     pub log: Arc<Mutex<RuntimeLog>>,
-    records: Records,
+}
+
+enum Runs {
+    Group {
+        pgid: i32,
+        records: Records,
+    },
+    /// The file server task of a `static` service; cancelled to stop it.
+    Files {
+        stop: tokio_util::sync::CancellationToken,
+    },
 }
 
 /// Why an instance is not healthy.
@@ -112,6 +123,9 @@ impl Instance {
         id: BuildId,
         reporter: &Arc<Sink>,
     ) -> anyhow::Result<Instance> {
+        if let Some(files) = &svc.static_files {
+            return Instance::serve_files(svc, store, archive, id, files);
+        }
         let run = svc
             .run
             .as_deref()
@@ -172,10 +186,53 @@ impl Instance {
             id,
             archive: archive.to_owned(),
             port,
-            pgid: pid,
+            runs: Runs::Group { pgid: pid, records },
             exit,
             log,
-            records,
+        })
+    }
+
+    /// A `static` service's instance: the build's directory served by pmesh-dev itself.
+    fn serve_files(
+        _svc: &Service,
+        store: &Store,
+        archive: &str,
+        id: BuildId,
+        files: &crate::manifest::StaticFiles,
+    ) -> anyhow::Result<Instance> {
+        let dir = store.root().join(archive).join(&files.dir);
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "the build has no directory `{}` to serve (`static` in the manifest): its steps \
+                 must write it into $PMESH_BUILD_DIR",
+                files.dir
+            );
+        }
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (exit_tx, exit) = watch::channel(None);
+        let log = Arc::new(Mutex::new(RuntimeLog::default()));
+        log.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
+            "serving {} (`{}` of {archive})",
+            dir.display(),
+            files.dir
+        ));
+        let (spa, task_stop) = (files.spa, stop.clone());
+        tokio::spawn(async move {
+            crate::files::serve(listener, dir, spa, task_stop).await;
+            // It ends only when stopped: there is no exit status to report.
+            drop(exit_tx);
+        });
+        Ok(Instance {
+            id,
+            archive: archive.to_owned(),
+            port,
+            runs: Runs::Files { stop },
+            exit,
+            log,
         })
     }
 
@@ -204,7 +261,13 @@ impl Instance {
 
     /// SIGTERM to the whole group, then SIGKILL after `grace` if anything is left.
     pub async fn stop(self, grace: Duration) -> Option<ExitStatus> {
-        let pgid = self.pgid;
+        let (pgid, records) = match &self.runs {
+            Runs::Group { pgid, records } => (*pgid, records.clone()),
+            Runs::Files { stop } => {
+                stop.cancel();
+                return None;
+            }
+        };
         tokio::task::spawn_blocking(move || guardian::stop_groups(&[pgid], grace))
             .await
             .ok();
@@ -215,7 +278,7 @@ impl Instance {
         if let Some(g) = Guardian::get() {
             g.forget(pgid);
         }
-        self.records.remove(pgid);
+        records.remove(pgid);
         status
     }
 }

@@ -5,6 +5,7 @@ mod util;
 
 mod build;
 mod control;
+mod firsthour;
 mod hash;
 mod live;
 mod manifest;
