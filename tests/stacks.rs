@@ -115,7 +115,8 @@ fn installs(t: &Tmp, service: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// `GET url` (an `http://127.0.0.1:PORT/path` URL) on a fresh connection: (status, head, body).
+/// `GET url` (an `http://127.0.0.1:PORT/path` URL) on a fresh connection, as a browser
+/// navigates: (status, head, body).
 fn get(url: &str) -> (u16, String, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (host, path) = match rest.find('/') {
@@ -129,7 +130,7 @@ fn get(url: &str) -> (u16, String, String) {
         .expect("timeout");
     let _ = write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/html,*/*;q=0.8\r\nConnection: close\r\n\r\n"
     );
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
