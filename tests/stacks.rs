@@ -430,3 +430,40 @@ fn two_packages_get_a_service_and_a_port_each() {
     assert_eq!(installs(&t, "web"), 1);
     assert_eq!(w.interrupt(), Some(0));
 }
+
+/// The README's recipes (each after a `<!-- recipe: NAME -->` line) are what `init` writes for
+/// `fixtures/stacks/NAME` (its comments left out, `listen` from 8080 in order): the manifests
+/// the tests above run.
+#[test]
+fn readme_recipes_are_what_init_writes() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read README.md");
+    for stack in ["express", "vite", "flask", "rust", "go", "two"] {
+        let marker = format!("<!-- recipe: {stack} -->\n```toml\n");
+        let start = readme
+            .find(&marker)
+            .unwrap_or_else(|| panic!("README.md has no recipe for {stack}"))
+            + marker.len();
+        let documented = &readme[start..start + readme[start..].find("```").unwrap_or(0)];
+        let t = Tmp::new();
+        let (_, manifest, _) = init_stack(&t, stack);
+        let mut port = 8080;
+        let mut written = String::new();
+        for line in manifest.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line.starts_with("listen = ") {
+                written.push_str(&format!("listen = {port}\n"));
+                port += 1;
+            } else {
+                written.push_str(line);
+                written.push('\n');
+            }
+        }
+        assert_eq!(
+            documented, written,
+            "README.md's {stack} recipe (left) is not what init writes (right)"
+        );
+    }
+}
