@@ -323,13 +323,11 @@ fn go(dir: &Path) -> Guess {
 fn python(dir: &Path) -> Guess {
     let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
     let deps = format!("{}\n{}", read("requirements.txt"), read("pyproject.toml")).to_lowercase();
+    // A requirement names a package as a word of its own: `flask>=3`, `"fastapi[standard]"`,
+    // not `flask-cors`.
     let depends = |name: &str| {
-        deps.lines().any(|l| {
-            let l = l.trim().trim_start_matches(['"', '\'']);
-            l.strip_prefix(name).is_some_and(|rest| {
-                !rest.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            })
-        })
+        deps.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            .any(|w| w == name)
     };
     let install = if dir.join("uv.lock").is_file() {
         // uv makes .venv itself.

@@ -467,3 +467,164 @@ fn readme_recipes_are_what_init_writes() {
         );
     }
 }
+
+/// `init` in `t/rel`, made of `files`: the manifest's service table, checked to load.
+fn guess(t: &Tmp, rel: &str, files: &[(&str, &str)]) -> toml::Table {
+    for (f, text) in files {
+        t.write(&format!("{rel}/{f}"), text);
+    }
+    let dir = t.join(rel);
+    let out = Command::new(bin())
+        .arg("init")
+        .current_dir(&dir)
+        .output()
+        .expect("run init");
+    assert!(out.status.success(), "init in {rel}: {out:?}");
+    let hash = Command::new(bin())
+        .arg("hash")
+        .current_dir(&dir)
+        .output()
+        .expect("run hash");
+    assert!(
+        hash.status.success(),
+        "the manifest for {rel} loads: {hash:?}"
+    );
+    let text = std::fs::read_to_string(dir.join("pmesh.toml")).expect("pmesh.toml");
+    let m: toml::Table = text.parse().expect("TOML");
+    let services = m["services"].as_table().expect("services");
+    assert_eq!(services.len(), 1, "{text}");
+    services
+        .values()
+        .next()
+        .and_then(|s| s.as_table())
+        .cloned()
+        .expect("a service table")
+}
+
+fn key<'a>(svc: &'a toml::Table, k: &str) -> &'a str {
+    svc.get(k).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+#[test]
+fn init_installs_with_the_package_manager_whose_lockfile_is_there() {
+    let t = Tmp::new();
+    let pkg = r#"{"scripts": {"start": "node app.js"}, "dependencies": {"express": "4"}}"#;
+    for (rel, lock, install) in [
+        ("npm", "package-lock.json", "npm ci"),
+        ("pnpm", "pnpm-lock.yaml", "pnpm install --frozen-lockfile"),
+        ("yarn", "yarn.lock", "yarn install"),
+        ("bun", "bun.lock", "bun install --frozen-lockfile"),
+    ] {
+        let svc = guess(&t, rel, &[("package.json", pkg), (lock, "")]);
+        assert_eq!(key(&svc, "install"), install, "{rel}: {svc:?}");
+        assert_eq!(key(&svc, "run"), r#"exec node "$PMESH_RUN_DIR/app.js""#);
+    }
+    // A start script that is not `node FILE` runs in the archive.
+    let svc = guess(
+        &t,
+        "tsx",
+        &[(
+            "package.json",
+            r#"{"scripts": {"start": "tsx src/main.ts"}}"#,
+        )],
+    );
+    assert_eq!(key(&svc, "run"), r#"cd "$PMESH_RUN_DIR" && exec npm start"#);
+    // Vite with pnpm runs pnpm's vite.
+    let svc = guess(
+        &t,
+        "vite-pnpm",
+        &[
+            ("package.json", r#"{"devDependencies": {"vite": "6"}}"#),
+            ("pnpm-lock.yaml", ""),
+        ],
+    );
+    let build = svc["build"].as_array().expect("build list");
+    assert!(
+        build[0]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("pnpm exec vite build --outDir"),
+        "{build:?}"
+    );
+    assert_eq!(key(&svc, "static"), "dist");
+}
+
+#[test]
+fn init_recognises_fastapi_django_and_a_pyproject() {
+    let t = Tmp::new();
+    let svc = guess(
+        &t,
+        "fast",
+        &[
+            ("requirements.txt", "fastapi[standard]\n"),
+            ("main.py", "from fastapi import FastAPI\napi = FastAPI()\n"),
+        ],
+    );
+    assert_eq!(
+        key(&svc, "run"),
+        r#"exec .venv/bin/python -m uvicorn --app-dir "$PMESH_RUN_DIR" main:api --host "$HOST" --port "$PORT""#
+    );
+    let svc = guess(
+        &t,
+        "dj",
+        &[("requirements.txt", "Django>=5\n"), ("manage.py", "")],
+    );
+    assert!(
+        key(&svc, "run").contains(r#""$PMESH_RUN_DIR/manage.py" runserver --noreload"#),
+        "{svc:?}"
+    );
+    // Dependencies on one line of pyproject.toml; flask-cors is not flask.
+    let svc = guess(
+        &t,
+        "pyproj",
+        &[
+            (
+                "pyproject.toml",
+                "[project]\nname = \"x\"\ndependencies = [\"flask>=3\", \"flask-cors\"]\n",
+            ),
+            ("app.py", "from flask import Flask\napp = Flask(__name__)\n"),
+        ],
+    );
+    assert!(key(&svc, "run").contains("-m flask --app"), "{svc:?}");
+    assert!(key(&svc, "install").ends_with("pip install ."), "{svc:?}");
+    let svc = guess(&t, "cors", &[("requirements.txt", "flask-cors\n")]);
+    assert!(!key(&svc, "run").contains("flask"), "{svc:?}");
+}
+
+#[test]
+fn init_with_a_manifest_flag_writes_that_file_for_its_directory() {
+    let t = Tmp::new();
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/stacks/go"),
+        &t.join("svc"),
+    );
+    let r = t.run(&["--manifest", "svc/dev.toml", "init"]).ok();
+    assert!(r.stdout().contains("svc/dev.toml"), "{}", r.stdout());
+    assert!(!t.join("svc/pmesh.toml").exists(), "writes the file named");
+    let m: toml::Table = t.read("svc/dev.toml").parse().expect("TOML");
+    assert!(m["services"].get("svc").is_some(), "guessed from svc/: {m}");
+    assert!(t.read("svc/.gitignore").contains(".pmesh/"));
+    // It loads as the manifest it was written as.
+    t.run(&["--manifest", "svc/dev.toml", "hash"]).ok();
+}
+
+#[test]
+fn a_plain_static_site_is_served_by_pmesh_dev() {
+    let t = Tmp::new();
+    let svc = guess(
+        &t,
+        "site",
+        &[("index.html", "<h1>hello from site v1</h1>\n")],
+    );
+    assert_eq!(key(&svc, "static"), ".");
+    let port = free_port();
+    let text = t.read("site/pmesh.toml");
+    std::fs::write(t.join("site/pmesh.toml"), adapt(&text, &[("site", port)])).expect("write");
+    let mut w = Watch::start(&t, &["--manifest", "site/pmesh.toml"], &ENV, &["site"]);
+    let live = wait_live(&mut w, "site", None, 60.0);
+    served(&live, "/", "hello from site v1");
+    edit(&t.join("site"), "index.html", "v1", "v2");
+    let next = wait_live(&mut w, "site", live["id"].as_str(), 60.0);
+    served(&next, "/", "hello from site v2");
+    assert_eq!(w.interrupt(), Some(0));
+}
