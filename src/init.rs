@@ -127,7 +127,8 @@ struct Npm {
     tool: &'static str,
     /// The install command, and its inputs when the tool's defaults do not fit.
     install: Install,
-    /// How to run a binary of node_modules/.bin.
+    /// How to run a binary of node_modules/.bin (for npm, `--no`: never download one that the
+    /// install did not put there; `--`: the rest are the binary's arguments, not npm's).
     exec: &'static str,
 }
 
@@ -155,7 +156,7 @@ fn package_manager(dir: &Path) -> Npm {
         Npm {
             tool: "npm",
             install: Install::Command("npm ci".into()),
-            exec: "npx",
+            exec: "npx --no --",
         }
     } else {
         // `npm ci` fails with no lockfile. `npm install` writes one, so package.json alone is
@@ -163,7 +164,7 @@ fn package_manager(dir: &Path) -> Npm {
         Npm {
             tool: "npm",
             install: Install::WithInputs("npm install".into(), vec!["package.json".into()]),
-            exec: "npx",
+            exec: "npx --no --",
         }
     }
 }
