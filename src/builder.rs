@@ -22,6 +22,16 @@ const TAIL_LINES: usize = 20;
 /// How long a cancelled step gets between SIGTERM and SIGKILL.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
+/// Whether build steps and instances are told to print colours although their output is a
+/// pipe: set when that output ends on a colour terminal or in the TUI.
+static FORCE_COLOUR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells build tools that their output ends up where colours show (`FORCE_COLOR`,
+/// `CLICOLOR_FORCE`, `CARGO_TERM_COLOR`); the manifest's `env` can still say otherwise.
+pub fn force_colour(on: bool) {
+    FORCE_COLOUR.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A timer that is not meant to fire until it is reset.
 const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
@@ -252,8 +262,13 @@ pub(crate) fn shell(
         .current_dir(&svc.root)
         .env("PMESH_BUILD_ID", id.to_string())
         .env("PMESH_SERVICE", &svc.name)
-        .envs(vars.iter().copied())
-        .envs(&svc.env)
+        .envs(vars.iter().copied());
+    if FORCE_COLOUR.load(std::sync::atomic::Ordering::Relaxed) {
+        cmd.env("FORCE_COLOR", "1")
+            .env("CLICOLOR_FORCE", "1")
+            .env("CARGO_TERM_COLOR", "always");
+    }
+    cmd.envs(&svc.env)
         .stdin(Stdio::null())
         .stdout(Stdio::from(writer))
         .stderr(Stdio::from(writer2))

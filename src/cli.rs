@@ -205,6 +205,7 @@ fn watch(
         (false, false) => Format::Plain,
     };
     let opts = crate::engine::WatchOptions { poll };
+    crate::builder::force_colour(tui || (format == Format::Plain && crate::log::colour_terminal()));
     // Each root is held for the whole watch; a second pmesh-dev on it is refused.
     let mut roots = Vec::new();
     for svc in &services {
@@ -402,6 +403,7 @@ fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> 
     let m = load_manifest(manifest)?;
     let services = selected(&m, names)?;
     let printer = plain_or_json(json, services.len());
+    crate::builder::force_colour(!json && crate::log::colour_terminal());
     let rt = runtime()?;
     let sink = Sink::new();
     rt.block_on(async {
@@ -562,44 +564,64 @@ fn age(t: Option<SystemTime>) -> String {
 
 fn builds(manifest: Option<&Path>, service: Option<&str>, json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
-    let svc = m.one(service).map_err(usage)?;
-    let store = Store::new(&svc.root);
-    let live = store.live();
-    let archives = store.archives()?;
-    if json {
-        let items: Vec<_> = archives
-            .iter()
-            .map(|a| {
-                serde_json::json!({
-                    "name": a.name,
-                    "id": a.id.map(|i| i.to_string()),
-                    "live": live.as_deref() == Some(a.name.as_str()),
-                    "status": a.status().as_str(),
-                    "created": a.created().map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                })
-            })
-            .collect();
-        out(format!("{}\n", serde_json::Value::Array(items)).as_bytes())?;
-        return Ok(EXIT_OK);
-    }
-    if archives.is_empty() {
-        out(format!("{}: no builds yet (run `pmesh-dev build`)\n", svc.name).as_bytes())?;
-        return Ok(EXIT_OK);
-    }
-    let mut s = format!("  {:<29} {:<13} {:<9} STATUS\n", "BUILD", "ID", "AGE");
-    for a in &archives {
-        let is_live = live.as_deref() == Some(a.name.as_str());
-        s.push_str(&format!(
-            "{} {:<29} {:<13} {:<9} {}{}\n",
-            if is_live { "*" } else { " " },
-            a.name,
-            a.id.map_or_else(|| "?".to_owned(), |i| i.short()),
-            age(a.created()),
-            a.status().as_str(),
-            if is_live { "  <- .run" } else { "" }
+    // One service when it is named, the only one, or the one we are in; else all of them.
+    let services: Vec<&crate::manifest::Service> = match m.one(service) {
+        Ok(svc) => vec![svc],
+        Err(_) if service.is_none() => m.services.iter().collect(),
+        Err(e) => return Err(usage(e)),
+    };
+    let several = services.len() > 1;
+    let mut items = Vec::new();
+    let mut text = String::new();
+    for svc in services {
+        let store = Store::new(&svc.root);
+        let live = store.live();
+        let archives = store.archives()?;
+        for a in &archives {
+            let mut item = serde_json::json!({
+                "name": a.name,
+                "id": a.id.map(|i| i.to_string()),
+                "live": live.as_deref() == Some(a.name.as_str()),
+                "status": a.status().as_str(),
+                "created": a.created().map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            });
+            if several {
+                item["service"] = serde_json::Value::String(svc.name.clone());
+            }
+            items.push(item);
+        }
+        if several {
+            text.push_str(&format!("{}:\n", svc.name));
+        }
+        if archives.is_empty() {
+            text.push_str(&format!(
+                "{}: no builds yet (run `pmesh-dev build`)\n",
+                svc.name
+            ));
+            continue;
+        }
+        text.push_str(&format!(
+            "  {:<29} {:<13} {:<9} STATUS\n",
+            "BUILD", "ID", "AGE"
         ));
+        for a in &archives {
+            let is_live = live.as_deref() == Some(a.name.as_str());
+            text.push_str(&format!(
+                "{} {:<29} {:<13} {:<9} {}{}\n",
+                if is_live { "*" } else { " " },
+                a.name,
+                a.id.map_or_else(|| "?".to_owned(), |i| i.short()),
+                age(a.created()),
+                a.status().as_str(),
+                if is_live { "  <- .run" } else { "" }
+            ));
+        }
     }
-    out(s.as_bytes())?;
+    if json {
+        out(format!("{}\n", serde_json::Value::Array(items)).as_bytes())?;
+    } else {
+        out(text.as_bytes())?;
+    }
     Ok(EXIT_OK)
 }
 

@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -177,9 +176,16 @@ impl Deployer {
         });
         let proxy = match (svc.listen, mode) {
             (Some(addr), Mode::Watch | Mode::Run) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr}"))?;
+                let listener =
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| match e.kind() {
+                            std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+                                "cannot listen on {addr}: something else listens there already \
+                             (another pmesh-dev, or the app started by hand?)"
+                            ),
+                            _ => anyhow::anyhow!("cannot listen on {addr}: {e}"),
+                        })?;
                 let (name, switch, shutdown) = (svc.name.clone(), switch.clone(), shutdown.clone());
                 let protocol = svc.protocol;
                 Some(tokio::spawn(async move {
@@ -483,7 +489,7 @@ impl Actor {
                 if matches!(self.phase, Phase::Idle) && self.candidate.is_none() {
                     self.switch.set(Target::Down {
                         status: 503,
-                        body: proxy::error_page(&self.svc.name, "the build failed", &error, &[]),
+                        body: page(&self.svc.name, "the build failed", &error, &[]),
                     });
                 }
             }
@@ -766,7 +772,7 @@ impl Actor {
             archive: archive.to_owned(),
             at: tokio::time::Instant::now() + delay,
         };
-        let body = proxy::error_page(&self.svc.name, state, detail, tail);
+        let body = page(&self.svc.name, state, detail, tail);
         self.switch.set(Target::Down { status, body });
         delay
     }
@@ -782,7 +788,7 @@ impl Actor {
             Some(st) => format!("exited with {}", describe_status(&st)),
             None => "exited".to_owned(),
         };
-        let tail = s.inst.tail(TAIL);
+        let tail = s.inst.head_and_tail(TAIL);
         let (id, archive) = (s.inst.id, s.inst.archive.clone());
         self.stop_in_background(s.inst, None, Duration::ZERO);
         let delay = self.go_down(&archive, 502, "crashed, restarting", &reason, &tail);
@@ -854,6 +860,17 @@ impl Actor {
             archive
         });
     }
+}
+
+/// An error page whose detail's first line is the sentence and the rest (a step's or an
+/// instance's last lines) is shown as log lines, in `<pre>`.
+fn page(service: &str, state: &str, detail: &str, tail: &[String]) -> String {
+    let mut lines = detail.lines();
+    let first = lines.next().unwrap_or("");
+    let first = first.strip_suffix("; its last lines:").unwrap_or(first);
+    let mut log: Vec<String> = lines.map(|l| l.trim_start().to_owned()).collect();
+    log.extend(tail.iter().cloned());
+    proxy::error_page(service, state, first, &log)
 }
 
 fn millis(d: Duration) -> u64 {

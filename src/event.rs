@@ -34,6 +34,9 @@ pub enum EventKind {
         dirs: usize,
         mode: String,
         startup_ms: u64,
+        /// Where the service is reached (its proxy), when it is served.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
     },
     /// The whole tree is looked at again (lost events, ignore rules edited).
     Rescan {

@@ -27,7 +27,21 @@ const DIM: &str = "\x1b[2m";
 const RED: &str = "\x1b[31m";
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
-const CYAN: &str = "\x1b[36m";
+/// The colours services' names take in plain output, one each (by a hash of the name, so a
+/// service keeps its colour from run to run).
+const SERVICE_COLOURS: [&str; 6] = [
+    "\x1b[36m", "\x1b[35m", "\x1b[34m", "\x1b[96m", "\x1b[95m", "\x1b[94m",
+];
+
+fn service_colour(name: &str) -> &'static str {
+    let h = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
+    SERVICE_COLOURS[(h % SERVICE_COLOURS.len() as u64) as usize]
+}
+
+/// Whether colour goes to the terminal: stdout is one and `NO_COLOR` is not set.
+pub fn colour_terminal() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
 
 /// A running printer; [`Printing::finish`] prints what is left and ends it.
 pub struct Printing {
@@ -47,9 +61,7 @@ impl Printing {
 
 impl Printer {
     pub fn new(format: Format, prefix: bool) -> Printer {
-        let color = format == Format::Plain
-            && std::io::stdout().is_terminal()
-            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        let color = format == Format::Plain && colour_terminal();
         Printer {
             format,
             color,
@@ -124,25 +136,44 @@ impl Printer {
         if let EventKind::Output { line, source } = &e.kind {
             // An instance's output is always marked, so that it is not taken for pmesh-dev's.
             return Some(if source == "run" {
-                format!("{} {line}", self.paint(DIM, &format!("{} >", e.service)))
+                format!(
+                    "{} {line}",
+                    self.paint(service_colour(&e.service), &format!("{} >", e.service))
+                )
             } else if self.prefix {
-                format!("{} {line}", self.paint(DIM, &format!("{} |", e.service)))
+                format!(
+                    "{} {line}",
+                    self.paint(service_colour(&e.service), &format!("{} |", e.service))
+                )
             } else {
                 line.clone()
             });
         }
         let time = e.ts.get(11..19).unwrap_or("");
-        let head = format!("{} {}", self.paint(DIM, time), self.paint(CYAN, &e.service));
+        let head = format!(
+            "{} {}",
+            self.paint(DIM, time),
+            self.paint(service_colour(&e.service), &e.service)
+        );
         let body = match &e.kind {
             EventKind::Watching {
                 files,
                 dirs,
                 mode,
                 startup_ms,
-            } => format!(
-                "watching {files} files in {dirs} directories ({mode}, ready in {})",
-                human_ms(*startup_ms)
-            ),
+                url,
+            } => {
+                let mut s = format!(
+                    "watching {} in {} ({mode}, ready in {})",
+                    plural(*files, "file"),
+                    plural(*dirs, "directory"),
+                    human_ms(*startup_ms)
+                );
+                if let Some(url) = url {
+                    s.push_str(&format!("; open {url}"));
+                }
+                s
+            }
             EventKind::Rescan { reason } => format!("looking at the whole tree again: {reason}"),
             EventKind::LoopDetected { paths, patterns } => self.paint(
                 RED,
@@ -265,6 +296,15 @@ impl Printer {
             EventKind::Output { .. } => return None,
         };
         Some(format!("{head}  {body}"))
+    }
+}
+
+/// `1 file`, `2 files`, `1 directory`, `3 directories`.
+fn plural(n: usize, one: &str) -> String {
+    match (n, one.strip_suffix('y')) {
+        (1, _) => format!("1 {one}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        (_, None) => format!("{n} {one}s"),
     }
 }
 

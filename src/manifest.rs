@@ -717,11 +717,22 @@ impl Manifest {
             })
     }
 
-    /// The one service, or `name`'s; an error that lists them when there are several.
+    /// The service whose root holds the current directory (the innermost one).
+    pub fn here(&self) -> Option<&Service> {
+        let cwd = std::env::current_dir().ok()?;
+        let cwd = cwd.canonicalize().unwrap_or(cwd);
+        (self.services.iter())
+            .filter(|s| cwd.starts_with(&s.root))
+            .max_by_key(|s| s.root.components().count())
+    }
+
+    /// The one service, or `name`'s, or with several the one whose root holds the current
+    /// directory; an error that lists them otherwise.
     pub fn one(&self, name: Option<&str>) -> Result<&Service, ManifestError> {
         match (name, self.services.as_slice()) {
             (Some(n), _) => self.service(n),
             (None, [only]) => Ok(only),
+            (None, _) if let Some(here) = self.here() => Ok(here),
             (None, all) => Err(ManifestError::Invalid(format!(
                 "{} has {} services: name one of {}",
                 self.path.display(),

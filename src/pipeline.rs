@@ -265,6 +265,14 @@ pub enum RollbackError {
         name: String,
         root: String,
     },
+    #[error(
+        "service `{service}`: `{name}` is the start of several builds' ids ({ids}): give more of it"
+    )]
+    Ambiguous {
+        service: String,
+        name: String,
+        ids: String,
+    },
     #[error("service `{service}`: {name} has no valid .buildid, so it is not a complete build")]
     Incomplete { service: String, name: String },
     #[error("service `{0}`: there is no older good build to roll back to")]
@@ -277,7 +285,9 @@ impl RollbackError {
     /// The exit code it ends a command with: 2 for a build name that is no usable archive.
     pub fn code(&self) -> u8 {
         match self {
-            RollbackError::NoSuchBuild { .. } | RollbackError::Incomplete { .. } => 2,
+            RollbackError::NoSuchBuild { .. }
+            | RollbackError::Ambiguous { .. }
+            | RollbackError::Incomplete { .. } => 2,
             _ => 1,
         }
     }
@@ -291,15 +301,7 @@ pub fn rollback_target(
     target: Option<&str>,
 ) -> Result<(Archive, BuildId), RollbackError> {
     let archive = match (target, store.live()) {
-        (Some(name), _) => Some(
-            store
-                .archive(name)
-                .ok_or_else(|| RollbackError::NoSuchBuild {
-                    service: svc.name.clone(),
-                    name: name.to_owned(),
-                    root: svc.root.display().to_string(),
-                })?,
-        ),
+        (Some(name), _) => Some(find_build(svc, store, name)?),
         (None, Some(live)) => store.previous_good(&live)?,
         (None, None) => store
             .archives()?
@@ -312,6 +314,42 @@ pub fn rollback_target(
         None => Err(RollbackError::Incomplete {
             service: svc.name.clone(),
             name: archive.name,
+        }),
+    }
+}
+
+/// The archive `name` stands for: an archive's name, or a build id or a unique prefix of one
+/// (the short ids shown everywhere), which names its newest good archive.
+fn find_build(svc: &Service, store: &Store, name: &str) -> Result<Archive, RollbackError> {
+    if let Some(a) = store.archive(name) {
+        return Ok(a);
+    }
+    let none = || RollbackError::NoSuchBuild {
+        service: svc.name.clone(),
+        name: name.to_owned(),
+        root: svc.root.display().to_string(),
+    };
+    let prefix = name.to_ascii_lowercase();
+    if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(none());
+    }
+    let archives = store.archives()?;
+    let matching: Vec<&Archive> = (archives.iter())
+        .filter(|a| a.id.is_some_and(|id| id.to_string().starts_with(&prefix)))
+        .collect();
+    let mut ids: Vec<BuildId> = matching.iter().filter_map(|a| a.id).collect();
+    ids.sort_by_key(BuildId::to_string);
+    ids.dedup();
+    match ids.as_slice() {
+        [] => Err(none()),
+        [_] => {
+            let good = matching.iter().find(|a| a.status() == Status::Ok);
+            Ok((*good.unwrap_or(&matching[0])).clone())
+        }
+        _ => Err(RollbackError::Ambiguous {
+            service: svc.name.clone(),
+            name: name.to_owned(),
+            ids: ids.iter().map(|i| i.short()).collect::<Vec<_>>().join(", "),
         }),
     }
 }

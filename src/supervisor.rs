@@ -41,10 +41,21 @@ pub const TAIL: usize = 10;
 #[derive(Debug, Default)]
 pub struct RuntimeLog {
     lines: VecDeque<String>,
+    /// Its first lines, kept even once they scroll out: where an error usually names the file
+    /// and line (a Node `SyntaxError`, a Python traceback's end is in the tail).
+    head: Vec<String>,
+    /// Every line pushed.
+    count: usize,
+    /// The instance's output has ended (every writer closed the pipe).
+    ended: bool,
 }
 
 impl RuntimeLog {
     fn push(&mut self, line: String) {
+        self.count += 1;
+        if self.head.len() < TAIL {
+            self.head.push(line.clone());
+        }
         if self.lines.len() == LOG_LINES {
             self.lines.pop_front();
         }
@@ -55,6 +66,21 @@ impl RuntimeLog {
     pub fn tail(&self, n: usize) -> Vec<String> {
         let skip = self.lines.len().saturating_sub(n);
         self.lines.iter().skip(skip).cloned().collect()
+    }
+
+    /// The first and the last `n` lines (all of them when there are at most `2n`), with a
+    /// line saying how many were left out between.
+    pub fn head_and_tail(&self, n: usize) -> Vec<String> {
+        if self.count <= 2 * n {
+            return self.tail(2 * n);
+        }
+        let mut out: Vec<String> = self.head.iter().take(n).cloned().collect();
+        out.push(format!(
+            "… ({} lines) …",
+            self.count - n - n.min(self.lines.len())
+        ));
+        out.extend(self.tail(n));
+        out
     }
 }
 
@@ -175,6 +201,7 @@ impl Instance {
                     ));
                     true
                 });
+                log.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
             });
         }
         let (exit_tx, exit) = watch::channel(None);
@@ -243,6 +270,11 @@ impl Instance {
     /// The last lines of its output.
     pub fn tail(&self, n: usize) -> Vec<String> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).tail(n)
+    }
+
+    /// Its first and last lines of output; see [`RuntimeLog::head_and_tail`].
+    pub fn head_and_tail(&self, n: usize) -> Vec<String> {
+        (self.log.lock().unwrap_or_else(|e| e.into_inner())).head_and_tail(n)
     }
 
     /// What it takes to watch the instance's health and exit from another task.
@@ -339,11 +371,19 @@ impl Probe {
     }
 
     async fn exited_early(&self, status: ExitStatus) -> Unhealthy {
-        // Let the last lines it printed reach the log before quoting them.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Let the last lines it printed reach the log before quoting them: the pipe ends once
+        // the group's last writer is gone (a second at most: a child may keep it open).
+        let until = Instant::now() + Duration::from_secs(1);
+        while !self.log.lock().unwrap_or_else(|e| e.into_inner()).ended && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Unhealthy::Exited {
             status: describe_status(&status),
-            tail: self.tail(TAIL),
+            tail: self
+                .log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .head_and_tail(TAIL),
         }
     }
 }

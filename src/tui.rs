@@ -75,6 +75,15 @@ fn builds_of(store: &Store, serving: Option<&str>) -> Vec<BuildRow> {
         .collect()
 }
 
+/// The id, archive and log lines of the build `.run` holds, when its log was kept.
+fn live_log(store: &Store) -> Option<(String, String, Vec<String>)> {
+    let archive = store.archive(&store.live()?)?;
+    let log = archive.record.as_ref()?.log.clone()?;
+    let text = std::fs::read_to_string(store.log_path(&log)).ok()?;
+    let id = archive.id?.to_string();
+    Some((id, archive.name, text.lines().map(str::to_owned).collect()))
+}
+
 /// The model's view of an engine event; `None` for those it does not show.
 fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
     Some(match kind.clone() {
@@ -197,7 +206,21 @@ async fn event_loop(
             height: size.height,
         });
     }
+    for svc in services {
+        if let Some(url) = crate::deploy::url_of(svc).filter(|_| svc.serves()) {
+            queue.push(Msg::Engine {
+                service: svc.name.clone(),
+                event: EngineEvent::Url { url },
+            });
+        }
+    }
     for (name, store) in &stores {
+        if let Some((id, archive, lines)) = live_log(store) {
+            queue.push(Msg::Engine {
+                service: name.clone(),
+                event: EngineEvent::LiveLog { id, archive, lines },
+            });
+        }
         queue.push(Msg::Builds {
             service: name.clone(),
             builds: builds_of(store, None),

@@ -254,3 +254,138 @@ fn two_services_on_one_port_are_a_located_error() {
         r.stderr()
     );
 }
+
+#[test]
+fn rollback_takes_a_short_id_and_commands_run_inside_a_root_pick_that_service() {
+    let t = Tmp::new();
+    for s in ["a", "b"] {
+        t.write(&format!("{s}/v.txt"), "one\n");
+    }
+    t.write(
+        "pmesh.toml",
+        "[services.a]\nbuild = [\"cp v.txt \\\"$PMESH_BUILD_DIR/\\\"\"]\n\n\
+         [services.b]\nbuild = [\"cp v.txt \\\"$PMESH_BUILD_DIR/\\\"\"]\n",
+    );
+    t.run(&["build"]).ok();
+    let first = run_target(&t.join("a")).expect("built");
+    let first_id = t.read("a/.run/.buildid").trim().to_owned();
+    t.write("a/v.txt", "two\n");
+    t.run(&["build", "a"]).ok();
+    assert_ne!(run_target(&t.join("a")), Some(first.clone()));
+
+    // Inside a's root, `a` is meant; the 12-character id shown everywhere names the build.
+    let mut c = t.cmd(&["rollback", &first_id[..12]]);
+    c.current_dir(t.join("a"));
+    let r = Run(c.output().expect("run"));
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(run_target(&t.join("a")), Some(first));
+    assert_eq!(t.read("a/.run/v.txt"), "one\n");
+    let bad = t.run(&["rollback", "a", "ffffffffffff"]).expect_code(2);
+    assert!(bad.stderr().contains("no build named"), "{}", bad.stderr());
+
+    // At the top, `builds` lists every service.
+    let all = t.run(&["builds"]).ok().stdout();
+    assert!(all.contains("a:\n") && all.contains("b:\n"), "{all}");
+    let json: serde_json::Value =
+        serde_json::from_str(&t.run(&["builds", "--json"]).ok().stdout()).expect("json");
+    let services: Vec<&str> = (json.as_array().into_iter().flatten())
+        .filter_map(|b| b["service"].as_str())
+        .collect();
+    assert!(services.contains(&"a") && services.contains(&"b"), "{json}");
+    let mut c = t.cmd(&["hash"]);
+    c.current_dir(t.join("b"));
+    let here = Run(c.output().expect("run")).ok().stdout();
+    assert_eq!(here, t.run(&["hash", "b"]).ok().stdout());
+}
+
+#[test]
+fn an_instance_that_dies_of_a_syntax_error_is_reported_with_the_file_and_line() {
+    let t = Tmp::new();
+    let port = free_port();
+    t.write(
+        "app/app.js",
+        "const http = require('http');\nhttp.createServer((q, r) => r.end('ok')).listen(process.env.PORT);\n",
+    );
+    t.write(
+        "pmesh.toml",
+        &format!(
+            "[services.app]\nbuild = [\"cp app.js \\\"$PMESH_BUILD_DIR/\\\"\"]\n\
+             run = \"exec node \\\"$PMESH_RUN_DIR/app.js\\\"\"\nlisten = {port}\n"
+        ),
+    );
+    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    wait_event(&mut w, "live");
+    t.write(
+        "app/app.js",
+        "const http = require('http');\n\nconst x = ;\nhttp.createServer((q, r) => r.end('ok')).listen(process.env.PORT);\n",
+    );
+    let bad = wait_event(&mut w, "unhealthy");
+    let reason = bad["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("app.js:3") && reason.contains("SyntaxError"),
+        "{reason}"
+    );
+    assert_eq!(w.interrupt(), Some(0));
+}
+
+#[test]
+fn the_plain_output_names_the_url_to_open_and_the_503_page_shows_the_log() {
+    let t = Tmp::new();
+    let port = free_port();
+    t.write("app/mode.txt", "broken\n");
+    t.write(
+        "pmesh.toml",
+        &format!(
+            "[services.app]\nbuild = [\"echo first-line; echo second-line; test \\\"$(cat mode.txt)\\\" = ok\"]\n\
+             run = \"exec python3 -m http.server \\\"$PORT\\\" --bind \\\"$HOST\\\" --directory \\\"$PMESH_RUN_DIR\\\"\"\n\
+             listen = {port}\n"
+        ),
+    );
+    let mut child = t
+        .cmd(&["watch", "--no-tui"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut until = |pred: &dyn Fn(&str) -> bool| {
+        while let Ok(l) = rx.recv_timeout(Duration::from_secs(30)) {
+            seen.push(l.clone());
+            if pred(&l) {
+                return;
+            }
+        }
+        panic!("not seen: {seen:#?}");
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    until(&|l| {
+        l.contains("watching") && l.contains(&format!("open {url}")) && l.contains("1 directory")
+    });
+    until(&|l| l.contains("failed"));
+    let (status, _, body) = request(port, "GET / HTTP/1.1\r\n");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("<pre>") && body.contains("first-line\nsecond-line"),
+        "{body}"
+    );
+    t.write("app/mode.txt", "ok\n");
+    until(&|l| l.contains(&format!("app -> {url}")));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+}

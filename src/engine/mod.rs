@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use self::core::{Core, Effect, Ended};
-use crate::deploy::{Deployer, Mode, Report, Ticket, Why};
+use crate::deploy::{self, Deployer, Mode, Report, Ticket, Why};
 use crate::event::{Command, Done, EventKind, Sink};
 use crate::hash::live::Change;
 use crate::hash::{BuildId, HashSpec, LiveTree};
@@ -192,6 +192,7 @@ pub async fn run(
         }
         .to_owned(),
         startup_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        url: deploy::url_of(&engine.svc).filter(|_| engine.svc.serves()),
     });
     engine.decide();
 

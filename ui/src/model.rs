@@ -69,6 +69,16 @@ pub enum Msg {
 pub enum EngineEvent {
     /// The service's tree is watched.
     Watching,
+    /// Where the service is reached: its proxy's address, which stays the same across swaps.
+    Url {
+        url: String,
+    },
+    /// At start: the log of the build that is live, so that the screen opens on it.
+    LiveLog {
+        id: String,
+        archive: String,
+        lines: Vec<String>,
+    },
     BuildStarted {
         id: String,
     },
@@ -257,6 +267,8 @@ pub(crate) struct Service {
     /// The id of the build in progress.
     pub building: Option<String>,
     pub instance: Option<Instance>,
+    /// Its proxy's address, if it has one.
+    pub url: Option<String>,
     /// The last failure (build error, unhealthy or crash reason), shown next to the state.
     pub problem: Option<String>,
     pub builds: Vec<BuildRow>,
@@ -281,6 +293,7 @@ impl Service {
             watching: false,
             building: None,
             instance: None,
+            url: None,
             problem: None,
             builds: Vec::new(),
             selected_build: 0,

@@ -32,6 +32,20 @@ pub(super) fn on_engine(model: &mut Model, service: &str, event: EngineEvent) {
     let mut visible = true;
     match event {
         EngineEvent::Watching => svc.watching = true,
+        EngineEvent::Url { url } => svc.url = Some(url),
+        EngineEvent::LiveLog { id, archive, lines } => {
+            // Only while nothing newer was shown.
+            if svc.build_log_id.is_none() && svc.building.is_none() {
+                svc.build_log.note(
+                    &format!("── log of the live build {} ({archive}) ──", short_id(&id)),
+                    dim,
+                );
+                for line in &lines {
+                    svc.build_log.push(line);
+                }
+                svc.build_log_id = Some(id);
+            }
+        }
         EngineEvent::BuildStarted { id } => {
             svc.state = ServiceState::Building;
             svc.problem = None;
