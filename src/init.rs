@@ -58,6 +58,8 @@ struct Guess {
     serves: bool,
     /// Things the user must check, as comment lines.
     notes: Vec<String>,
+    /// What will not work as guessed unless the user changes it: said by `init` too.
+    warning: Option<String>,
 }
 
 impl Guess {
@@ -73,8 +75,27 @@ impl Guess {
             ignore: Vec::new(),
             serves: false,
             notes: Vec::new(),
+            warning: None,
         }
     }
+}
+
+/// A warning when none of `files` (relative to `dir`) that exist mentions `PORT`: the app then
+/// listens where pmesh-dev does not look, and never becomes healthy.
+fn port_warning(dir: &Path, files: &[String]) -> Option<String> {
+    let texts: Vec<(&String, String)> = files
+        .iter()
+        .filter_map(|f| Some((f, fs::read_to_string(dir.join(f)).ok()?)))
+        .collect();
+    if texts.is_empty() || texts.iter().any(|(_, t)| t.contains("PORT")) {
+        return None;
+    }
+    let names: Vec<&str> = texts.iter().map(|(f, _)| f.as_str()).collect();
+    Some(format!(
+        "{} never reads PORT: make the app listen on $PORT (each instance gets its own), \
+         or it never becomes healthy",
+        names.join(", ")
+    ))
 }
 
 /// The stack of `dir`, when it looks like a project of one.
@@ -207,7 +228,12 @@ fn node(dir: &Path) -> Guess {
         build.push(format!("cd \"$PMESH_BUILD_DIR\" && {} run build", pm.tool));
     }
     let mut notes = vec!["# The app must listen on $PORT (process.env.PORT).".to_owned()];
-    let run = match entry_file(dir, script("start"), pkg["main"].as_str()) {
+    let entry = entry_file(dir, script("start"), pkg["main"].as_str());
+    // A build script may write the entry file; only a source file is looked at.
+    let warning = entry
+        .as_ref()
+        .and_then(|f| port_warning(dir, std::slice::from_ref(f)));
+    let run = match entry {
         Some(file) => format!("exec node \"$PMESH_RUN_DIR/{file}\""),
         None => {
             notes.push("# No entry file found: `run` starts the copy's `start` script.".into());
@@ -231,6 +257,7 @@ fn node(dir: &Path) -> Guess {
         ignore,
         serves: true,
         notes,
+        warning,
         ..Guess::unknown("", Vec::new())
     }
 }
@@ -294,6 +321,7 @@ fn rust(dir: &Path) -> Guess {
         ignore: vec!["target/".to_owned()],
         serves: true,
         notes: vec!["# The server must listen on $PORT (std::env::var(\"PORT\")).".to_owned()],
+        warning: port_warning(dir, &rust_sources(dir)),
         ..Guess::unknown("", Vec::new())
     }
 }
@@ -317,6 +345,7 @@ fn go(dir: &Path) -> Guess {
         run: Some(format!("exec \"$PMESH_RUN_DIR/{name}\"")),
         serves: true,
         notes: vec!["# The server must listen on $PORT (os.Getenv(\"PORT\")).".to_owned()],
+        warning: port_warning(dir, &files_ending(dir, ".go")),
         ..Guess::unknown("", Vec::new())
     }
 }
@@ -340,6 +369,7 @@ fn python(dir: &Path) -> Guess {
     };
     let py = ".venv/bin/python";
     let mut notes = Vec::new();
+    let mut warning = None;
     let (kind, run) = if dir.join("manage.py").is_file() || depends("django") {
         (
             "a Django project",
@@ -371,6 +401,7 @@ fn python(dir: &Path) -> Guess {
             .find(|f| dir.join(f).is_file())
             .unwrap_or("app.py");
         notes.push("# The app must listen on $PORT (os.environ[\"PORT\"]).".into());
+        warning = port_warning(dir, &[file.to_owned()]);
         (
             "a Python app",
             format!("exec {py} \"$PMESH_RUN_DIR/{file}\""),
@@ -387,8 +418,33 @@ fn python(dir: &Path) -> Guess {
         ignore: vec![".venv/".to_owned(), "__pycache__/".to_owned()],
         serves: true,
         notes,
+        warning,
         ..Guess::unknown("", Vec::new())
     }
+}
+
+/// The crate's binary sources: `src/main.rs` and `src/bin/*.rs`.
+fn rust_sources(dir: &Path) -> Vec<String> {
+    let mut files = vec!["src/main.rs".to_owned()];
+    files.extend(
+        files_ending(&dir.join("src/bin"), ".rs")
+            .into_iter()
+            .map(|f| format!("src/bin/{f}")),
+    );
+    files
+}
+
+/// The names of the files in `dir` (not below) that end with `suffix`, sorted.
+fn files_ending(dir: &Path, suffix: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(suffix))
+        .collect();
+    names.sort();
+    names
 }
 
 /// The first usual Python file that constructs `ctor`, and the variable it assigns to.
@@ -482,6 +538,9 @@ fn service_text(name: &str, root: &str, g: &Guess, port: Option<u16>) -> String 
         out.push('\n');
     };
     line(&format!("# {name}: {}", g.what));
+    if let Some(w) = &g.warning {
+        line(&format!("# WARNING: {w}."));
+    }
     line(&format!("[services.{name}]"));
     line("# The service's source tree, relative to this file.");
     line(&format!("root = {}", toml_str(root)));
@@ -583,6 +642,8 @@ pub struct Guessed {
     pub what: String,
     /// The URL the proxy will serve it at, when the guess serves something.
     pub url: Option<String>,
+    /// What must change before it works.
+    pub warning: Option<String>,
 }
 
 /// The starter manifest's text for the project in `dir`, and what was guessed. A directory that
@@ -617,6 +678,7 @@ pub fn starter_manifest(dir: &Path) -> (String, Vec<Guessed>) {
             name: name.clone(),
             what: g.what.clone(),
             url: port.map(|p| format!("http://127.0.0.1:{p}")),
+            warning: g.warning.clone(),
         });
     }
     let summary: Vec<String> = guessed
@@ -672,6 +734,9 @@ pub fn init(dir: &Path, manifest: Option<&Path>) -> anyhow::Result<String> {
         msg.push_str(&format!("\n  {}: {}", s.name, s.what));
         if let Some(u) = &s.url {
             msg.push_str(&format!(" -> {u}"));
+        }
+        if let Some(w) = &s.warning {
+            msg.push_str(&format!("\n  warning: {}: {w}", s.name));
         }
     }
     if !added.is_empty() {

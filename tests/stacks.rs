@@ -243,6 +243,7 @@ fn walk(stack: &str, file: &str, max_build_ms: u64, check: impl Fn(&serde_json::
         said.contains("http://127.0.0.1:"),
         "init says where to open it: {said}"
     );
+    assert!(!said.contains("warning"), "nothing to fix first: {said}");
     assert!(
         manifest.lines().any(|l| l.starts_with("listen = ")),
         "listen is written, not commented out:\n{manifest}"
@@ -627,4 +628,30 @@ fn a_plain_static_site_is_served_by_pmesh_dev() {
     let next = wait_live(&mut w, "site", live["id"].as_str(), 60.0);
     served(&next, "/", "hello from site v2");
     assert_eq!(w.interrupt(), Some(0));
+}
+
+#[test]
+fn init_warns_about_an_app_that_never_reads_port() {
+    let t = Tmp::new();
+    t.write(
+        "fixed/package.json",
+        r#"{"scripts": {"start": "node s.js"}}"#,
+    );
+    t.write(
+        "fixed/s.js",
+        "require('http').createServer().listen(3000)\n",
+    );
+    let r = t
+        .cmd(&["--manifest", "fixed/pmesh.toml", "init"])
+        .output()
+        .expect("run init");
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        said.contains("warning: fixed: s.js never reads PORT"),
+        "init says what to fix: {said}"
+    );
+    assert!(
+        t.read("fixed/pmesh.toml")
+            .contains("# WARNING: s.js never reads PORT")
+    );
 }
