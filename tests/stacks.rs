@@ -294,6 +294,15 @@ fn walk(stack: &str, file: &str, max_build_ms: u64, check: impl Fn(&serde_json::
         build_ms < max_build_ms,
         "a rebuild of {stack} took {build_ms} ms (save to served: {took:?})"
     );
+    let builds = w
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "build_started")
+        .count();
+    assert_eq!(
+        builds, 3,
+        "one build at start and one per save: nothing the build writes triggers another"
+    );
     if has_install {
         assert_eq!(
             installs(&t, stack),
