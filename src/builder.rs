@@ -273,6 +273,8 @@ pub(crate) fn shell(
         .stdout(Stdio::from(writer))
         .stderr(Stdio::from(writer2))
         .process_group(0);
+    // pmesh-dev raised its own descriptor limit for the proxy; not the children's.
+    crate::proxy::keep_child_fd_limit(cmd.as_std_mut());
     if let Some(g) = Guardian::get() {
         g.register_in_child(&mut cmd);
     }

@@ -174,6 +174,14 @@ impl Deployer {
         let switch = Switch::new(Target::Starting {
             wait: svc.ready_timeout,
         });
+        // The proxy's failures in detail (its pages say them in words): a warning each.
+        switch.on_failure({
+            let (sink, name) = (sink.clone(), svc.name.clone());
+            Arc::new(move |detail: &str| {
+                let message = format!("proxy: {detail}");
+                sink.now(&name, EventKind::Warning { message });
+            })
+        });
         let proxy = match (svc.listen, mode) {
             (Some(addr), Mode::Watch | Mode::Run) => {
                 let listener =

@@ -181,7 +181,13 @@ pub struct Sink {
     subscribers: std::sync::Mutex<Vec<std::sync::Weak<Queue>>>,
     /// Set by [`Sink::close`]: subscriptions end once they have read what was emitted.
     closed: std::sync::atomic::AtomicBool,
+    /// Subscribers called in `emit` itself: the printers, whose lines then leave as the event
+    /// happens (a hop through a task would add a scheduler's delay to every line on a busy
+    /// machine). They must be quick and never emit.
+    direct: std::sync::RwLock<Vec<DirectSubscriber>>,
 }
+
+type DirectSubscriber = Box<dyn Fn(&Event) + Send + Sync>;
 
 /// What a subscription yields.
 #[derive(Debug, Clone)]
@@ -215,8 +221,16 @@ impl Sink {
         std::sync::Arc::new(Sink::default())
     }
 
+    /// Calls `f` with every event from now on, from the emitting thread.
+    pub fn attach(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        (self.direct.write().unwrap_or_else(|e| e.into_inner())).push(Box::new(f));
+    }
+
     /// Hands `e` to every subscriber.
     pub fn emit(&self, e: &Event) {
+        for f in self.direct.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            f(e);
+        }
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         subs.retain(|w| w.strong_count() > 0);
         let output = matches!(e.kind, EventKind::Output { .. });

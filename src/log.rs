@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
-use crate::event::{Event, EventKind, Received, Sink};
+use crate::event::{Event, EventKind, Sink};
 
 /// How events are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,19 +43,16 @@ pub fn colour_terminal() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// A running printer; [`Printing::finish`] prints what is left and ends it.
+/// An attached printer; [`Printing::finish`] ends the sink's subscriptions once all is said.
 pub struct Printing {
     sink: Arc<Sink>,
-    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Printing {
-    /// Closes the sink and waits until every event emitted before was printed.
-    pub async fn finish(mut self) {
+    /// Closes the sink: every event emitted before has been printed (printing is synchronous)
+    /// and the other subscribers end after reading theirs.
+    pub async fn finish(self) {
         self.sink.close();
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
     }
 }
 
@@ -69,28 +66,14 @@ impl Printer {
         }
     }
 
-    /// Prints what `sink` receives from now on, in a task of its own; nothing with
-    /// [`Format::Quiet`].
+    /// Prints every event `sink` receives from now on, as it is emitted; nothing with
+    /// [`Format::Quiet`]. Nothing is dropped: a slow stdout slows the emitter, as a terminal
+    /// would any program.
     pub fn spawn(self, sink: &Arc<Sink>) -> Printing {
-        let task = (self.format != Format::Quiet).then(|| {
-            let mut sub = sink.subscribe();
-            tokio::spawn(async move {
-                while let Some(r) = sub.recv().await {
-                    let mut batch = vec![r];
-                    // Whatever else is queued goes out in the same write.
-                    while batch.len() < 256
-                        && let Some(r) = sub.try_recv()
-                    {
-                        batch.push(r);
-                    }
-                    self.print(&batch);
-                }
-            })
-        });
-        Printing {
-            sink: sink.clone(),
-            task,
+        if self.format != Format::Quiet {
+            sink.attach(move |e| self.print(e));
         }
+        Printing { sink: sink.clone() }
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
@@ -101,33 +84,17 @@ impl Printer {
         }
     }
 
-    fn print(&self, batch: &[Received]) {
-        let mut text = String::new();
-        for r in batch {
-            let line = match r {
-                Received::Event(e) => match self.format {
-                    Format::Quiet => None,
-                    Format::Json => serde_json::to_string(e).ok(),
-                    Format::Plain => self.plain(e),
-                },
-                Received::Dropped(n) => Some(match self.format {
-                    Format::Json => serde_json::json!({
-                        "event": "output_dropped",
-                        "lines": n,
-                        "ts": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                    })
-                    .to_string(),
-                    _ => self.paint(YELLOW, &format!("… {n} lines of output dropped (too many, too fast)")),
-                }),
-            };
-            if let Some(l) = line {
-                text.push_str(&l);
-                text.push('\n');
-            }
-        }
+    fn print(&self, e: &Event) {
+        let line = match self.format {
+            Format::Quiet => None,
+            Format::Json => serde_json::to_string(e).ok(),
+            Format::Plain => self.plain(e),
+        };
+        let Some(mut line) = line else { return };
+        line.push('\n');
         let mut out = std::io::stdout().lock();
         // A closed stdout (a pipe to `head`) is a normal end, not worth a panic.
-        let _ = out.write_all(text.as_bytes());
+        let _ = out.write_all(line.as_bytes());
         let _ = out.flush();
     }
 
