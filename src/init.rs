@@ -20,9 +20,10 @@ pub const GITIGNORE_LINES: [&str; 4] = [".build/", ".build-*/", ".run", ".pmesh/
 /// The first port `init` offers the proxy; the next services get the next free ones.
 const FIRST_PORT: u16 = 8080;
 
-/// Copies the service root into the build, without pmesh-dev's own directories, git's, and the
-/// named dependency directories (`{}`): those stay in the root, where the install step put them.
-/// `tar` rather than `cp -R`, because the build directory is itself inside the root.
+/// A step that copies the service root into the build, without pmesh-dev's own directories,
+/// git's, and the dependency directories in `skip` (they stay in the root, where the install
+/// step put them). `tar` rather than `cp -R`: the build directory is itself inside the root.
+/// Names match at any depth, as they do for the hash.
 fn copy_step(skip: &[&str]) -> String {
     let mut excludes = vec![".git", ".build", "\".build-*\"", ".run", ".pmesh"];
     excludes.extend_from_slice(skip);
