@@ -43,6 +43,7 @@ enum Install {
 }
 
 /// What `init` guessed about one service.
+#[derive(Default)]
 struct Guess {
     /// What was recognised, for the header and the message: "an Express app (npm)".
     what: String,
@@ -64,19 +65,12 @@ struct Guess {
 }
 
 impl Guess {
+    /// A guess that builds but serves nothing `init` could name.
     fn unknown(what: &str, build: Vec<String>) -> Guess {
         Guess {
             what: what.to_owned(),
-            install: None,
             build,
-            build_note: Vec::new(),
-            run: None,
-            static_dir: None,
-            env: Vec::new(),
-            ignore: Vec::new(),
-            serves: false,
-            notes: Vec::new(),
-            warning: None,
+            ..Guess::default()
         }
     }
 }
@@ -128,7 +122,7 @@ fn fallback(dir: &Path) -> Guess {
             build_note: vec!["# This copies the site into the build; pmesh-dev serves it."],
             static_dir: Some((".", false)),
             serves: true,
-            ..Guess::unknown("", Vec::new())
+            ..Guess::default()
         };
     }
     if dir.join("Makefile").is_file() || dir.join("makefile").is_file() {
@@ -219,7 +213,7 @@ fn node(dir: &Path) -> Guess {
             static_dir: Some(("dist", true)),
             ignore: vec!["node_modules/".to_owned(), "dist/".to_owned()],
             serves: true,
-            ..Guess::unknown("", Vec::new())
+            ..Guess::default()
         };
     }
 
@@ -259,7 +253,7 @@ fn node(dir: &Path) -> Guess {
         serves: true,
         notes,
         warning,
-        ..Guess::unknown("", Vec::new())
+        ..Guess::default()
     }
 }
 
@@ -323,7 +317,7 @@ fn rust(dir: &Path) -> Guess {
         serves: true,
         notes: vec!["# The server must listen on $PORT (std::env::var(\"PORT\")).".to_owned()],
         warning: port_warning(dir, &rust_sources(dir)),
-        ..Guess::unknown("", Vec::new())
+        ..Guess::default()
     }
 }
 
@@ -347,7 +341,7 @@ fn go(dir: &Path) -> Guess {
         serves: true,
         notes: vec!["# The server must listen on $PORT (os.Getenv(\"PORT\")).".to_owned()],
         warning: port_warning(dir, &files_ending(dir, ".go")),
-        ..Guess::unknown("", Vec::new())
+        ..Guess::default()
     }
 }
 
@@ -420,7 +414,7 @@ fn python(dir: &Path) -> Guess {
         serves: true,
         notes,
         warning,
-        ..Guess::unknown("", Vec::new())
+        ..Guess::default()
     }
 }
 
