@@ -235,8 +235,15 @@ fn require_tool(tool: &str, why: &str) {
 /// The whole walk for a one-service stack: init, watch, served, two edits of `file` served
 /// (the second rebuild timed against `max_build_ms`), the install run once, and rollback
 /// serving the first edit's code again. Each version of `file` has `vN` and is served as
-/// `hello from <stack> vN`. `check` looks at the first live build further.
-fn walk(stack: &str, file: &str, max_build_ms: u64, check: impl Fn(&serde_json::Value)) {
+/// `hello from <stack> vN`. `check` looks at the first live build further. `input` is an edit
+/// (file, from, to) of one of the install step's inputs, made last: the install runs again.
+fn walk(
+    stack: &str,
+    file: &str,
+    max_build_ms: u64,
+    check: impl Fn(&serde_json::Value),
+    input: Option<(&str, &str, &str)>,
+) {
     let t = Tmp::new();
     let (_, manifest, said) = init_stack(&t, stack);
     assert!(
@@ -318,6 +325,17 @@ fn walk(stack: &str, file: &str, max_build_ms: u64, check: impl Fn(&serde_json::
         "rollback goes to the previous build"
     );
     served(&back, "/", &hello(2));
+
+    if let Some((input, from, to)) = input {
+        edit(&dir, input, from, to);
+        let next = wait_live(&mut w, stack, back["id"].as_str(), FIRST_BUILD_SECS);
+        served(&next, "/", &hello(3));
+        assert_eq!(
+            installs(&t, stack),
+            2,
+            "an edit of {input} runs the install step again"
+        );
+    }
     assert_eq!(w.interrupt(), Some(0));
 }
 
@@ -344,30 +362,46 @@ const COMPILED_MS: u64 = 60_000;
 #[test]
 fn express_app_is_served_edited_and_rolled_back() {
     require_tool("npm", "the Express fixture installs express");
-    walk("express", "server.js", INTERPRETED_MS, |_| {});
+    walk(
+        "express",
+        "server.js",
+        INTERPRETED_MS,
+        |_| {},
+        Some((
+            "package.json",
+            "\"private\": true,",
+            "\"private\": true,\n  \"description\": \"edited\",",
+        )),
+    );
 }
 
 #[test]
 fn flask_app_is_served_edited_and_rolled_back() {
     require_tool("python3", "the Flask fixture makes a venv");
-    walk("flask", "app.py", INTERPRETED_MS, |_| {});
+    walk(
+        "flask",
+        "app.py",
+        INTERPRETED_MS,
+        |_| {},
+        Some(("requirements.txt", "flask>=3,<4", "flask>=3.0,<4")),
+    );
 }
 
 #[test]
 fn rust_binary_is_served_edited_and_rolled_back() {
-    walk("rust", "src/main.rs", COMPILED_MS, |_| {});
+    walk("rust", "src/main.rs", COMPILED_MS, |_| {}, None);
 }
 
 #[test]
 fn go_binary_is_served_edited_and_rolled_back() {
     require_tool("go", "Debian's golang-go; .ci/run installs it");
-    walk("go", "main.go", COMPILED_MS, |_| {});
+    walk("go", "main.go", COMPILED_MS, |_| {}, None);
 }
 
 #[test]
 fn vite_app_is_served_as_a_single_page_app_edited_and_rolled_back() {
     require_tool("npm", "the Vite fixture installs vite");
-    walk("vite", "index.html", 30_000, |live| {
+    let check = |live: &serde_json::Value| {
         // Any route is the app's: the page, whose script Vite built into assets/.
         let page = served(live, "/some/client/route", "hello from vite");
         let script = page
@@ -375,7 +409,8 @@ fn vite_app_is_served_as_a_single_page_app_edited_and_rolled_back() {
             .find(|s| s.starts_with("/assets/") && s.ends_with(".js"))
             .unwrap_or_else(|| panic!("the built page loads its script from /assets/: {page}"));
         served(live, script, "location.pathname");
-    });
+    };
+    walk("vite", "index.html", 30_000, check, None);
 }
 
 #[test]
