@@ -281,30 +281,45 @@ fn entry_file(dir: &Path, start: Option<&str>, main: Option<&str>) -> Option<Str
 }
 
 fn rust(dir: &Path) -> Guess {
-    let table = fs::read_to_string(dir.join("Cargo.toml"))
-        .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
-        .unwrap_or_default();
-    let bin_name = table.get("bin").and_then(|b| {
-        b.as_array()?
-            .first()?
-            .get("name")?
-            .as_str()
-            .map(str::to_owned)
-    });
-    let name = bin_name
-        .or_else(|| {
-            table
-                .get("package")?
-                .get("name")?
-                .as_str()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "app".to_owned());
-    Guess {
-        what: "a Rust crate (cargo)".to_owned(),
-        build: vec![
+    let table = cargo_toml(dir);
+    // A virtual workspace builds the first member that has a binary.
+    let (what, name, build_cmd, warning) = if table.contains_key("package") {
+        let (name, warning) = match crate_binary(dir, &table) {
+            Some(name) => (name, port_warning(dir, &rust_sources(dir))),
+            None => (
+                "app".to_owned(),
+                Some("the crate is a library: name the binary to run in `build` and `run`".into()),
+            ),
+        };
+        (
+            "a Rust crate (cargo)".to_owned(),
+            name,
             "cargo build".to_owned(),
+            warning,
+        )
+    } else {
+        match workspace_binary(dir, &table) {
+            Some((member, package, bin)) => (
+                format!("a Rust workspace (cargo), its binary `{bin}` from {member}"),
+                bin,
+                format!("cargo build -p {package}"),
+                port_warning(&dir.join(&member), &rust_sources(&dir.join(&member))),
+            ),
+            None => (
+                "a Rust workspace (cargo)".to_owned(),
+                "app".to_owned(),
+                "cargo build".to_owned(),
+                Some(
+                    "no workspace member has a binary: name the one to run in `build` and `run`"
+                        .to_owned(),
+                ),
+            ),
+        }
+    };
+    Guess {
+        what,
+        build: vec![
+            build_cmd,
             format!("cp \"${{CARGO_TARGET_DIR:-target}}/debug/{name}\" \"$PMESH_BUILD_DIR/\""),
         ],
         build_note: vec![
@@ -316,9 +331,69 @@ fn rust(dir: &Path) -> Guess {
         ignore: vec!["target/".to_owned()],
         serves: true,
         notes: vec!["# The server must listen on $PORT (std::env::var(\"PORT\")).".to_owned()],
-        warning: port_warning(dir, &rust_sources(dir)),
+        warning,
         ..Guess::default()
     }
+}
+
+fn cargo_toml(dir: &Path) -> toml::Table {
+    fs::read_to_string(dir.join("Cargo.toml"))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .unwrap_or_default()
+}
+
+/// The binary a crate builds: its first `[[bin]]`, else the package's own (`src/main.rs`), else
+/// the first of `src/bin/`. `None` for a library (a `src/lib.rs` and none of those).
+fn crate_binary(dir: &Path, table: &toml::Table) -> Option<String> {
+    let bin = table.get("bin").and_then(|b| {
+        b.as_array()?
+            .first()?
+            .get("name")?
+            .as_str()
+            .map(str::to_owned)
+    });
+    let package = table.get("package")?.get("name")?.as_str()?;
+    if bin.is_some() {
+        return bin;
+    }
+    if dir.join("src/main.rs").is_file() {
+        return Some(package.to_owned());
+    }
+    if let Some(first) = files_ending(&dir.join("src/bin"), ".rs").first() {
+        return Some(first.trim_end_matches(".rs").to_owned());
+    }
+    // Neither yet: cargo's default binary is named after the package.
+    (!dir.join("src/lib.rs").is_file()).then(|| package.to_owned())
+}
+
+/// The first member of the workspace in `dir` (in `members` order, a trailing `/*` listed)
+/// that builds a binary: (its path, its package name, the binary's name).
+fn workspace_binary(dir: &Path, table: &toml::Table) -> Option<(String, String, String)> {
+    let members = table.get("workspace")?.get("members")?.as_array()?;
+    let mut paths = Vec::new();
+    for m in members.iter().filter_map(|m| m.as_str()) {
+        match m.strip_suffix("/*") {
+            Some(parent) => {
+                let mut subs: Vec<String> = fs::read_dir(dir.join(parent))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().join("Cargo.toml").is_file())
+                    .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy()))
+                    .collect();
+                subs.sort();
+                paths.extend(subs);
+            }
+            None => paths.push(m.to_owned()),
+        }
+    }
+    paths.into_iter().find_map(|member| {
+        let table = cargo_toml(&dir.join(&member));
+        let package = table.get("package")?.get("name")?.as_str()?.to_owned();
+        let bin = crate_binary(&dir.join(&member), &table)?;
+        Some((member, package, bin))
+    })
 }
 
 fn go(dir: &Path) -> Guess {

@@ -699,3 +699,52 @@ fn init_warns_about_an_app_that_never_reads_port() {
             .contains("# WARNING: s.js never reads PORT")
     );
 }
+
+#[test]
+fn a_cargo_workspace_builds_and_runs_its_binary_member() {
+    let t = Tmp::new();
+    let server = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/stacks/rust/src/main.rs"),
+    )
+    .expect("read the Rust fixture");
+    let svc = guess(
+        &t,
+        "ws",
+        &[
+            (
+                "Cargo.toml",
+                "[workspace]\nmembers = [\"crates/*\"]\nresolver = \"2\"\n",
+            ),
+            (
+                "crates/core/Cargo.toml",
+                "[package]\nname = \"core-lib\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+            ),
+            ("crates/core/src/lib.rs", "pub fn x() {}\n"),
+            (
+                "crates/server/Cargo.toml",
+                "[package]\nname = \"server\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+            ),
+            ("crates/server/src/main.rs", &server),
+        ],
+    );
+    let build: Vec<&str> = svc["build"]
+        .as_array()
+        .expect("build list")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(build[0], "cargo build -p server", "{build:?}");
+    assert_eq!(key(&svc, "run"), r#"exec "$PMESH_RUN_DIR/server""#);
+    // The root is the workspace: an edit of the library rebuilds too. And it builds.
+    assert_eq!(key(&svc, "root"), ".");
+    let r = Command::new(bin())
+        .arg("build")
+        .current_dir(t.join("ws"))
+        .output()
+        .expect("run build");
+    assert!(r.status.success(), "the guessed build works: {r:?}");
+    assert!(
+        t.join("ws/.run/server").is_file(),
+        "the binary is in the build"
+    );
+}
