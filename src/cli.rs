@@ -158,7 +158,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Rollback { args } => rollback(manifest, &args),
         Command::Run { services, json } => run_cmd(manifest, &services, json),
         Command::Init => {
-            let msg = crate::init::init(&std::env::current_dir()?).map_err(usage)?;
+            let msg = crate::init::init(&std::env::current_dir()?, manifest).map_err(usage)?;
             println!("{msg}");
             Ok(EXIT_OK)
         }

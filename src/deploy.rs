@@ -534,6 +534,12 @@ impl Actor {
                     let _ = flipped.send(Err(PublishError::Cancelled));
                     return;
                 }
+                if self.store.archive(&archive).is_none() {
+                    // `.run` is only ever pointed at an archive that exists.
+                    let gone = format!("{archive} is gone; .run stays where it is");
+                    let _ = flipped.send(Err(PublishError::Failed(gone)));
+                    return;
+                }
                 let from = self.store.live();
                 if let Err(e) = self.point_run(&archive) {
                     let _ = flipped.send(Err(PublishError::Failed(e)));

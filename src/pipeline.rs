@@ -198,7 +198,12 @@ pub async fn build_id(
             let archive = store.commit(id, duration, Some(log_name))?;
             // Cancelled after its steps (by a rollback): archived, for a later reuse, but not
             // put live.
-            let Some(ticket) = publish(deployer, &archive.name, id, cancel).await? else {
+            let published = publish(deployer, &archive.name, id, cancel).await;
+            if !matches!(published, Ok(Some(_))) {
+                // Kept for a later reuse, but no longer on its way to `.run`.
+                store.settle(&archive.name);
+            }
+            let Some(ticket) = published? else {
                 emit(EventKind::Cancelled { id: id.to_string() });
                 return Ok(Outcome::Cancelled);
             };

@@ -32,6 +32,9 @@ pub struct Store {
     /// Serialises `.run` flips made by this process (a build finishing and an unhealthy
     /// instance being undone may race); shared by clones.
     flip: Arc<Mutex<()>>,
+    /// Archives committed by this process and not yet published (or given up): retention
+    /// leaves them alone. Shared by clones.
+    pending: Arc<Mutex<Vec<String>>>,
 }
 
 /// Why the store could not do what was asked.
@@ -160,6 +163,7 @@ impl Store {
         Store {
             root: root.to_path_buf(),
             flip: Arc::default(),
+            pending: Arc::default(),
         }
     }
 
@@ -340,7 +344,11 @@ impl Store {
             name = archive_name(t);
         }
         let dest = self.root.join(&name);
-        fs::rename(&build, &dest).map_err(io_err("cannot archive", &build))?;
+        (self.pending.lock().unwrap_or_else(|e| e.into_inner())).push(name.clone());
+        if let Err(e) = fs::rename(&build, &dest) {
+            self.settle(&name);
+            return Err(io_err("cannot archive", &build)(e));
+        }
         let record = BuildRecord {
             id: id.to_string(),
             created: humantime::format_rfc3339_millis(t).to_string(),
@@ -383,6 +391,12 @@ impl Store {
         self.write_record(name, &record)
     }
 
+    /// Archive `name`, committed by [`Store::commit`], is published or given up: retention may
+    /// look at it again.
+    pub fn settle(&self, name: &str) {
+        (self.pending.lock().unwrap_or_else(|e| e.into_inner())).retain(|n| n != name);
+    }
+
     /// Re-points `.run` at archive `name` in one rename: a temporary symlink renamed over it.
     pub fn point_run(&self, name: &str) -> Result<(), StoreError> {
         let _flip = self.flip.lock().unwrap_or_else(|e| e.into_inner());
@@ -399,6 +413,7 @@ impl Store {
     }
 
     fn point_run_unlocked(&self, name: &str) -> Result<(), StoreError> {
+        self.settle(name);
         let run = self.root.join(RUN_LINK);
         if let Ok(m) = fs::symlink_metadata(&run)
             && !m.file_type().is_symlink()
@@ -421,44 +436,43 @@ impl Store {
 
     /// Deletes old archives: a build archived again (a forced rebuild of the same id) replaces
     /// its older copies, and beyond `keep` distinct builds the oldest go, unhealthy ones first.
-    /// Never the live one nor one in `in_use` (an instance runs from it). Returns the names
-    /// removed, oldest first.
+    /// Never the live one, nor one in `in_use` (an instance runs from it), nor one archived by
+    /// this process and not yet published (on its way to `.run`), nor the newest copy of a
+    /// build. Returns the names removed, oldest first.
     pub fn retain(&self, keep: usize, in_use: &[String]) -> Result<Vec<String>, StoreError> {
         let archives = self.archives()?;
         let live = self.live();
-        let protected =
-            |a: &Archive| live.as_deref() == Some(a.name.as_str()) || in_use.contains(&a.name);
-        // Of the copies of one build, the one kept stands for it: a protected copy if there
-        // is one, else the newest good one, else the newest.
-        let mut keeper: Vec<(BuildId, usize)> = Vec::new();
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let protected = |a: &Archive| {
+            live.as_deref() == Some(a.name.as_str())
+                || in_use.contains(&a.name)
+                || pending.contains(&a.name)
+        };
+        // Archives come newest first: the first of each id is its newest copy.
+        let mut ids: Vec<BuildId> = Vec::new();
+        let mut older_copy = vec![false; archives.len()];
         for (i, a) in archives.iter().enumerate() {
-            let Some(id) = a.id else { continue };
-            match keeper.iter_mut().find(|(k, _)| *k == id) {
-                None => keeper.push((id, i)),
-                Some((_, k)) => {
-                    let current = &archives[*k];
-                    let better = (protected(a) && !protected(current))
-                        || (!protected(current)
-                            && current.status() != Status::Ok
-                            && a.status() == Status::Ok);
-                    if better {
-                        *k = i;
-                    }
+            if let Some(id) = a.id {
+                if ids.contains(&id) {
+                    older_copy[i] = true;
+                } else {
+                    ids.push(id);
                 }
             }
         }
-        let is_copy = |i: usize, a: &Archive| {
-            a.id.is_some_and(|id| keeper.iter().any(|(k, at)| *k == id && *at != i))
-        };
         let mut doomed: Vec<usize> = (0..archives.len())
-            .filter(|&i| is_copy(i, &archives[i]) && !protected(&archives[i]))
+            .filter(|&i| older_copy[i] && !protected(&archives[i]))
             .collect();
         // Copies still in use count once, as their build.
-        let builds = keeper.len() + archives.iter().filter(|a| a.id.is_none()).count();
+        let builds = ids.len() + archives.iter().filter(|a| a.id.is_none()).count();
         let excess = builds.saturating_sub(keep.max(1));
         let mut victims: Vec<usize> = (0..archives.len())
             .rev()
-            .filter(|&i| !is_copy(i, &archives[i]) && !protected(&archives[i]))
+            .filter(|&i| !older_copy[i] && !protected(&archives[i]))
             .collect();
         // Stable: unhealthy archives go before good ones, each group oldest first.
         victims.sort_by_key(|&i| archives[i].status() == Status::Ok);
@@ -549,6 +563,44 @@ mod tests {
         assert_eq!(time_of_archive_name(&name), Some(t));
         let later = archive_name(t + Duration::from_millis(1));
         assert!(later > name);
+    }
+
+    fn archived(store: &Store, n: u8) -> String {
+        let id: BuildId = format!("{n:032x}").parse().expect("an id");
+        store.begin(id).expect("begin");
+        store.commit(id, Duration::ZERO, None).expect("commit").name
+    }
+
+    #[test]
+    fn retention_keeps_distinct_builds_and_never_what_is_on_its_way_or_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path());
+        let a = archived(&store, 1);
+        let b = archived(&store, 2);
+        store.point_run(&b).expect("flip");
+        // A forced rebuild of b, archived but not yet published: it stays, and so does a.
+        let b2 = archived(&store, 2);
+        assert_eq!(store.retain(2, &[]).expect("retain"), Vec::<String>::new());
+        assert_eq!(
+            Store::new(dir.path()).retain(1, &[]).expect("retain"),
+            vec![a.clone()],
+            "another process's pending archives are not protected (it holds the lock anyway)"
+        );
+        let a = archived(&store, 1);
+        // Published, with the old copy's instance still draining: nothing goes yet.
+        store.point_run(&b2).expect("flip");
+        assert_eq!(
+            store.retain(2, std::slice::from_ref(&b)).expect("retain"),
+            Vec::<String>::new()
+        );
+        // Drained: the old copy goes, and a (another build) is kept.
+        assert_eq!(store.retain(2, &[]).expect("retain"), vec![b]);
+        assert!(dir.path().join(&a).is_dir() && dir.path().join(&b2).is_dir());
+        // keep = 1 with a newer build not yet published: only the older one may go.
+        store.settle(&a);
+        let c = archived(&store, 3);
+        assert_eq!(store.retain(1, &[]).expect("retain"), vec![a]);
+        assert!(dir.path().join(&c).is_dir(), "the build on its way stays");
     }
 
     #[test]

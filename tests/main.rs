@@ -12,5 +12,6 @@ mod live;
 mod manifest;
 mod serve;
 mod session;
+mod stacks;
 mod tui;
 mod watch;

@@ -663,13 +663,16 @@ fn init_guesses_from_package_json() {
     let t = Tmp::new();
     t.write(
         "web/package.json",
-        r#"{"name": "web", "scripts": {"start": "node server.js", "build": "vite build"}}"#,
+        r#"{"name": "web", "scripts": {"start": "node server.js", "build": "tsc"}}"#,
     );
+    t.write("web/package-lock.json", "{}");
     let (_, svc) = only_service(&init_in(&t, "web"));
     let build = steps(&svc);
+    // Dependencies are installed when the lockfile changes, not by every save's build.
+    assert_eq!(svc["install"].as_str(), Some("npm ci"), "{svc:?}");
     assert!(
-        build.iter().any(|s| s.contains("npm ci")),
-        "build runs npm ci: {build:?}"
+        !build.iter().any(|s| s.contains("npm ci")),
+        "npm ci is no build step: {build:?}"
     );
     assert!(
         build.iter().any(|s| s.contains("npm run build")),
@@ -677,15 +680,19 @@ fn init_guesses_from_package_json() {
     );
     assert_eq!(
         svc["run"].as_str(),
-        Some("npm start"),
-        "run uses the start script"
+        Some(r#"exec node "$PMESH_RUN_DIR/server.js""#),
+        "run starts the start script's file from the archive, not `npm start` on the source"
     );
 
-    // Without a start script there is still a run command, and no `npm start`.
+    // No lockfile: `npm install` (`npm ci` would fail), and no `npm run build`.
     t.write("bare/package.json", r#"{"name": "bare"}"#);
     let (_, svc) = only_service(&init_in(&t, "bare"));
     let build = steps(&svc);
-    assert!(build.iter().any(|s| s.contains("npm ci")), "{build:?}");
+    assert_eq!(
+        svc["install"]["run"].as_str(),
+        Some("npm install"),
+        "{svc:?}"
+    );
     assert!(
         !build.iter().any(|s| s.contains("npm run build")),
         "no build script, no `npm run build`: {build:?}"
