@@ -60,6 +60,9 @@ pub enum Command {
         /// One JSON event per line on stdout.
         #[arg(long)]
         json: bool,
+        /// Upload the build to the manifest's [cache] before exiting (fills a team's cache).
+        #[arg(long)]
+        push: bool,
     },
     /// Print the build id of a service or of any directory.
     Hash {
@@ -146,7 +149,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             services,
             force,
             json,
-        } => build(manifest, &services, force, json),
+            push,
+        } => build(manifest, &services, force, json, push),
         Command::Hash {
             target,
             list,
@@ -377,8 +381,20 @@ fn remote_code(name: &str, done: std::io::Result<crate::event::Done>) -> u8 {
     }
 }
 
-fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> Result<u8> {
+fn build(
+    manifest: Option<&Path>,
+    names: &[String],
+    force: bool,
+    json: bool,
+    push: bool,
+) -> Result<u8> {
     let m = load_manifest(manifest)?;
+    if push && m.cache.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--push needs a [cache] table in {}",
+            m.path.display()
+        )));
+    }
     let services = selected(&m, names)?;
     let reporter = plain_or_json(json, services.len());
     let rt = runtime()?;
@@ -397,7 +413,14 @@ fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> 
                 {
                     return (name, Remote(done));
                 }
-                let outcome = pipeline::build(svc, manifest, force, reporter, cancel).await;
+                let outcome =
+                    pipeline::build(svc.clone(), manifest, force, reporter.clone(), cancel).await;
+                // The team's cache (issue 14): the upload finishes before the command exits.
+                if let Some(e) =
+                    crate::cache::push_after_build(&svc, &outcome, push, &reporter).await
+                {
+                    return (name, Local(Err(e)));
+                }
                 (name, Local(outcome))
             });
         }

@@ -132,6 +132,13 @@ pub async fn build_id(
         }
     }
 
+    // The team's cache (issue 14): a build of this id made elsewhere, fetched instead of run.
+    // A fetched build is a new archive, like a built one; the `fetched` event tells them apart.
+    if !force && let Some(archive) = crate::cache::fetch(svc, store, id, reporter, cancel).await {
+        prune(store, svc, &in_use, reporter)?;
+        return Ok(Outcome::Built { id, archive });
+    }
+
     emit(EventKind::BuildStarted {
         id: id.to_string(),
         changed,

@@ -314,6 +314,13 @@ impl Actor {
                     archive: c.inst.archive.clone(),
                     port: c.inst.port,
                 });
+                // The team's cache (issue 14): upload what is now proven live, in the background.
+                crate::cache::push_in_background(
+                    &self.svc,
+                    &c.inst.archive,
+                    c.inst.id,
+                    &self.reporter,
+                );
                 let _ = self.reports.send(Report::Live {
                     id: c.inst.id,
                     archive: c.inst.archive.clone(),

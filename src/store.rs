@@ -326,6 +326,19 @@ impl Store {
             let f = build.join(BUILDID_FILE);
             fs::write(&f, format!("{id}\n")).map_err(io_err("cannot write", &f))?;
         }
+        self.adopt(&build, id, duration, log)
+    }
+
+    /// Makes `dir`, a complete build of `id` on this root's file system whose `.buildid` the
+    /// caller has verified (a finished `.build`, or a verified cache download), an archive
+    /// under a new, unique, sortable name, in one rename, and records it.
+    pub fn adopt(
+        &self,
+        dir: &Path,
+        id: BuildId,
+        duration: Duration,
+        log: Option<String>,
+    ) -> Result<Archive, StoreError> {
         let mut t = SystemTime::now();
         // Creation order and uniqueness, even if the clock stepped back or two builds
         // finished within one millisecond.
@@ -340,7 +353,7 @@ impl Store {
             name = archive_name(t);
         }
         let dest = self.root.join(&name);
-        fs::rename(&build, &dest).map_err(io_err("cannot archive", &build))?;
+        fs::rename(dir, &dest).map_err(io_err("cannot archive", dir))?;
         let record = BuildRecord {
             id: id.to_string(),
             created: humantime::format_rfc3339_millis(t).to_string(),

@@ -124,6 +124,8 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
             ),
         },
         EventKind::UpToDate { .. }
+        | EventKind::Fetched { .. }
+        | EventKind::Pushed { .. }
         | EventKind::Reused { .. }
         | EventKind::Pruned { .. }
         | EventKind::Rescan { .. } => return None,
@@ -137,6 +139,7 @@ fn touches_builds(kind: &EventKind) -> bool {
         EventKind::Watching { .. }
             | EventKind::BuildFinished { .. }
             | EventKind::Reused { .. }
+            | EventKind::Fetched { .. }
             | EventKind::UpToDate { .. }
             | EventKind::Pruned { .. }
             | EventKind::Rollback { .. }

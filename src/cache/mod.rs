@@ -1,0 +1,776 @@
+//! The team's build cache (issue 14): archives shared through an object store by build id and
+//! platform, so a tree built once by anyone is fetched, not built, by everyone else.
+//!
+//! An entry is one object, `<prefix>/v1/<platform>/<id>.pmesh`: a magic line, one line of JSON
+//! ([`Meta`]: id, platform, payload size, its SHA-256, an optional Ed25519 signature), then the
+//! payload, the build directory as tar + zstd. One object, written with one PUT, so a reader
+//! never pairs the description of one upload with the bytes of another.
+//!
+//! Fetching streams the object into a temporary directory under `.pmesh/cache/`, checking as it
+//! goes (see [`archive`]), and only a complete entry whose size, digest, signature and
+//! `.buildid` all match becomes a `.build-<ts>` archive, by one rename. Anything else is a
+//! warning, the temporary directory goes, and the build runs locally. The cache never turns a
+//! build into an error: at worst it costs one connect timeout per outage.
+
+pub mod archive;
+pub mod remote;
+pub mod sign;
+
+use std::collections::HashSet;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{Event, EventKind};
+use crate::hash::BuildId;
+use crate::log::Reporter;
+use crate::manifest::{CacheSettings, Service};
+use crate::pipeline::Outcome;
+use crate::store::{self, Store};
+use remote::Remote;
+
+/// The first bytes of every entry; the version is the layout's, also in the key.
+const MAGIC: &[u8] = b"pmesh-dev cache 1\n";
+/// The longest [`Meta`] line accepted.
+const MAX_META: usize = 16 * 1024;
+/// A download that brings no byte for this long is given up.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Download chunks buffered between the network and the unpacker.
+const PIPE_DEPTH: usize = 16;
+
+/// What an entry says of itself, on its second line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub id: String,
+    pub platform: String,
+    /// Bytes of the payload (the tar + zstd stream after this line).
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the payload.
+    pub sha256: String,
+    /// Base64 Ed25519 signature of [`sign::statement`], when the pusher had a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// The platform part of a key: artifacts carry the OS, the CPU and the C library.
+pub fn platform() -> String {
+    let env = if cfg!(target_env = "gnu") {
+        "-gnu"
+    } else if cfg!(target_env = "musl") {
+        "-musl"
+    } else {
+        ""
+    };
+    format!("{}-{}{env}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+/// The object key of build `id` on this platform, below the store's prefix.
+pub fn entry_name(id: &str) -> [String; 3] {
+    ["v1".to_owned(), platform(), format!("{id}.pmesh")]
+}
+
+/// Why an entry was not used or not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The store could not be reached or broke off: an outage, warned about once.
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("the entry is not a pmesh-dev cache entry")]
+    NotAnEntry,
+    #[error("the entry is for {0}, not for this build and platform")]
+    Mismatch(String),
+    #[error("the entry is cut short ({got} of {want} bytes)")]
+    Truncated { got: u64, want: u64 },
+    #[error("the entry's content does not match its digest")]
+    Tampered,
+    #[error("the entry is not signed by a trusted key")]
+    BadSignature,
+    #[error("the entry holds no `.buildid` of this build")]
+    NoBuildId,
+    #[error("{0}")]
+    Archive(#[from] archive::ArchiveError),
+    #[error("the store has a [cache] that needs signed entries, but there is no signing key: {0}")]
+    NoSigningKey(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// A download error is an outage; anything the entry itself says is not.
+fn io_to_cache(e: io::Error) -> CacheError {
+    // The tar reader wraps the errors of what it reads: look through the chain.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|i| i as _);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<Transport>() {
+            return CacheError::Unreachable(t.0.clone());
+        }
+        cur = err.source();
+    }
+    CacheError::Archive(archive::ArchiveError::Io(e))
+}
+
+/// A failure of the network under the unpacker, told apart from the archive's own errors.
+#[derive(Debug)]
+struct Transport(String);
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Transport {}
+
+fn transport(msg: String) -> io::Error {
+    io::Error::other(Transport(msg))
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// The urls whose client could not be made, warned about once.
+static SETUP_WARNED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Mutex::default);
+
+/// The client of `svc`'s cache, or a warning (once per url) saying why there is none.
+fn remote_of(svc: &Service, reporter: &Reporter) -> Option<(Arc<CacheSettings>, Arc<Remote>)> {
+    let settings = svc.cache.clone()?;
+    match remote::remote(&settings) {
+        Ok(r) => Some((settings, r)),
+        Err(e) => {
+            let mut warned = SETUP_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.insert(settings.url.clone()) {
+                warn(reporter, &svc.name, format!("{e}; building locally"));
+            }
+            None
+        }
+    }
+}
+
+fn warn(reporter: &Reporter, service: &str, message: String) {
+    reporter.emit(&Event::now(service, EventKind::Warning { message }));
+}
+
+/// Warns about `e` from `remote`: an outage once until the store answers again, anything
+/// else every time.
+fn report(reporter: &Reporter, service: &str, remote: &Remote, what: &str, e: &CacheError) {
+    match e {
+        CacheError::Unreachable(why) => {
+            if remote.went_down() {
+                warn(
+                    reporter,
+                    service,
+                    format!(
+                        "cache {} is unreachable ({why}): building locally, and leaving it alone for a while",
+                        remote.url
+                    ),
+                );
+            }
+        }
+        e => warn(
+            reporter,
+            service,
+            format!("cache {}: {what}: {e}", remote.url),
+        ),
+    }
+}
+
+fn outage(e: object_store::Error) -> CacheError {
+    CacheError::Unreachable(e.to_string())
+}
+
+/// Looks build `id` up in `svc`'s cache and, when a good entry is there, makes it a new
+/// archive, points `.run` at it and emits `fetched`; returns the archive's name. `None` (after
+/// a warning when something went wrong) means: build locally. The caller holds the lock.
+pub async fn fetch(
+    svc: &Service,
+    store: &Store,
+    id: BuildId,
+    reporter: &Reporter,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    let (settings, remote) = remote_of(svc, reporter)?;
+    if remote.paused() || cancel.is_cancelled() {
+        return None;
+    }
+    let started = Instant::now();
+    let key = remote.key(&entry_name(&id.to_string()).each_ref().map(String::as_str));
+    let got = tokio::select! {
+        r = remote.store.get(&key) => r,
+        () = cancel.cancelled() => return None,
+    };
+    let stream = match got {
+        Ok(g) => g.into_stream(),
+        Err(object_store::Error::NotFound { .. }) => {
+            remote.came_up();
+            return None;
+        }
+        Err(e) => {
+            report(reporter, &svc.name, &remote, "lookup failed", &outage(e));
+            return None;
+        }
+    };
+    remote.came_up();
+
+    let tmp = match fetch_dir(store) {
+        Ok(t) => t,
+        Err(e) => {
+            warn(reporter, &svc.name, format!("cache: {e}"));
+            return None;
+        }
+    };
+    let (tx, rx) = mpsc::channel(PIPE_DEPTH);
+    let pump = tokio::spawn(pump(stream, tx, cancel.clone()));
+    let unpacked = {
+        let (tmp, settings) = (tmp.clone(), settings.clone());
+        tokio::task::spawn_blocking(move || receive(ChannelReader::new(rx), &tmp, id, &settings))
+            .await
+            .unwrap_or_else(|e| Err(CacheError::Local(format!("the unpacking task failed: {e}"))))
+    };
+    pump.abort();
+    let adopted = unpacked.and_then(|bytes| {
+        let a = store
+            .adopt(&tmp, id, started.elapsed(), None)
+            .map_err(|e| CacheError::Local(e.to_string()))?;
+        store
+            .point_run(&a.name)
+            .map_err(|e| CacheError::Local(e.to_string()))?;
+        Ok((a.name, bytes))
+    });
+    match adopted {
+        Ok((name, bytes)) => {
+            mark_stored(store, id);
+            reporter.emit(&Event::now(
+                &svc.name,
+                EventKind::Fetched {
+                    id: id.to_string(),
+                    archive: name.clone(),
+                    bytes,
+                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                },
+            ));
+            Some(name)
+        }
+        Err(e) => {
+            // Never a partial tree left behind, nor one that could pass for an archive.
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !cancel.is_cancelled() {
+                report(
+                    reporter,
+                    &svc.name,
+                    &remote,
+                    &format!("entry {id} refused, building locally"),
+                    &e,
+                );
+            }
+            None
+        }
+    }
+}
+
+/// A fresh temporary directory for one download, on the service root's file system so that
+/// adopting it is one rename; leftovers of a killed run are removed by the next one.
+fn fetch_dir(store: &Store) -> Result<PathBuf, String> {
+    let dir = store.state_dir("cache").map_err(|e| e.to_string())?;
+    let pid = std::process::id();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(&format!("-{pid}")) || name.contains(&format!("-{pid}-"));
+            if (name.starts_with("fetch-") || name.starts_with("push-")) && !ours {
+                let p = e.path();
+                let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            }
+        }
+    }
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!("fetch-{pid}-{n}"));
+    std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    Ok(tmp)
+}
+
+/// Moves download chunks to the unpacker, bounded (backpressure, never the whole entry in
+/// memory) and with an idle timeout; a cancel or a failure ends the stream with an error.
+async fn pump(
+    mut stream: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
+            () = cancel.cancelled() => {
+                let _ = tx.send(Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"))).await;
+                return;
+            }
+        };
+        let item = match next {
+            Err(_) => Err(transport(format!(
+                "no data for {}s",
+                IDLE_TIMEOUT.as_secs()
+            ))),
+            Ok(None) => return,
+            Ok(Some(Ok(b))) => Ok(b),
+            Ok(Some(Err(e))) => Err(transport(e.to_string())),
+        };
+        let last = item.is_err();
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The download as a blocking reader for the unpacker.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl ChannelReader {
+    fn new(rx: mpsc::Receiver<io::Result<Bytes>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(chunk) => self.cur = chunk?,
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Counts and hashes every byte read through it, refusing more than `limit`.
+struct Digesting<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+    /// The input ended (before `limit`, or the unpacker would not have asked again).
+    ended: bool,
+}
+
+impl<R: Read> Read for Digesting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.ended |= n == 0 && !buf.is_empty();
+        self.count += n as u64;
+        if self.count > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "longer than its header says",
+            ));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Reads one entry from `input` into `dest`, checking everything; returns the bytes read.
+fn receive(
+    input: impl Read,
+    dest: &Path,
+    id: BuildId,
+    settings: &CacheSettings,
+) -> Result<u64, CacheError> {
+    let mut r = BufReader::with_capacity(256 * 1024, input);
+    let mut magic = [0u8; MAGIC.len()];
+    r.read_exact(&mut magic).map_err(|e| match io_to_cache(e) {
+        CacheError::Unreachable(w) => CacheError::Unreachable(w),
+        _ => CacheError::NotAnEntry,
+    })?;
+    if magic != MAGIC {
+        return Err(CacheError::NotAnEntry);
+    }
+    let mut line = Vec::new();
+    (&mut r)
+        .take(MAX_META as u64)
+        .read_until(b'\n', &mut line)
+        .map_err(io_to_cache)?;
+    if line.last() != Some(&b'\n') {
+        return Err(CacheError::NotAnEntry);
+    }
+    let meta: Meta = serde_json::from_slice(&line).map_err(|_| CacheError::NotAnEntry)?;
+    let (want_id, want_platform) = (id.to_string(), platform());
+    if meta.id != want_id || meta.platform != want_platform {
+        return Err(CacheError::Mismatch(format!(
+            "{} on {}",
+            meta.id, meta.platform
+        )));
+    }
+    if !settings.trusted_keys.is_empty() {
+        let st = sign::statement(&meta.id, &meta.platform, meta.size, &meta.sha256);
+        let ok = meta
+            .signature
+            .as_deref()
+            .is_some_and(|s| sign::verify(&settings.trusted_keys, &st, s));
+        if !ok {
+            return Err(CacheError::BadSignature);
+        }
+    }
+    if meta.size > settings.max_size {
+        return Err(archive::ArchiveError::TooLarge(settings.max_size).into());
+    }
+    let header_len = (MAGIC.len() + line.len()) as u64;
+    let mut payload = Digesting {
+        inner: r,
+        hasher: Sha256::new(),
+        count: 0,
+        limit: meta.size,
+        ended: false,
+    };
+    let unpacked = archive::unpack(&mut payload, dest, settings.max_size);
+    // Whatever the unpacker left unread still counts: the digest covers every byte.
+    let drained = unpacked.and_then(|_| Ok(io::copy(&mut payload, &mut io::sink())?));
+    match drained {
+        Ok(_) => {}
+        Err(archive::ArchiveError::Io(e)) => {
+            return Err(match io_to_cache(e) {
+                CacheError::Unreachable(w) => CacheError::Unreachable(w),
+                // A payload cut short shows as a broken zstd or tar stream.
+                _ if payload.ended => CacheError::Truncated {
+                    got: payload.count,
+                    want: meta.size,
+                },
+                other => other,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if payload.count != meta.size {
+        return Err(CacheError::Truncated {
+            got: payload.count,
+            want: meta.size,
+        });
+    }
+    if hex(&payload.hasher.finalize()) != meta.sha256 {
+        return Err(CacheError::Tampered);
+    }
+    let buildid = dest.join(store::BUILDID_FILE);
+    let real_file = std::fs::symlink_metadata(&buildid).is_ok_and(|m| m.is_file());
+    if !real_file || store::read_id(dest) != Some(id) {
+        return Err(CacheError::NoBuildId);
+    }
+    Ok(header_len + payload.count)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `.pmesh/cache/stored/<platform>-<id>`: this root knows the store has that entry (it pushed
+/// or fetched it), so it is not uploaded again.
+fn stored_marker(store: &Store, id: BuildId) -> Option<PathBuf> {
+    let dir = store.state_dir("cache/stored").ok()?;
+    Some(dir.join(format!("{}-{id}", platform())))
+}
+
+fn mark_stored(store: &Store, id: BuildId) {
+    if let Some(m) = stored_marker(store, id) {
+        let _ = std::fs::write(m, b"");
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Uploaded this many bytes.
+    Uploaded(u64),
+    /// The store had it already.
+    AlreadyThere,
+}
+
+/// The pushes under way, by key: a second request for the same entry waits for nothing and
+/// does nothing.
+static IN_FLIGHT: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Mutex::default);
+
+/// Packs archive `archive` (build `id`) of `svc` and uploads it unless the store has it; emits
+/// `pushed` when it uploaded.
+pub async fn push(
+    svc: &Service,
+    archive: &str,
+    id: BuildId,
+    reporter: &Reporter,
+) -> Result<Pushed, CacheError> {
+    let settings = svc
+        .cache
+        .clone()
+        .ok_or_else(|| CacheError::Setup("the manifest has no [cache] table".to_owned()))?;
+    let remote = remote::remote(&settings).map_err(|e| CacheError::Setup(e.to_string()))?;
+    let store = Store::new(&svc.root);
+    let marker = stored_marker(&store, id);
+    if marker.as_ref().is_some_and(|m| m.exists()) {
+        return Ok(Pushed::AlreadyThere);
+    }
+    let names = entry_name(&id.to_string());
+    let key = remote.key(&names.each_ref().map(String::as_str));
+    let slot = format!("{}/{key}", remote.url);
+    if !IN_FLIGHT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(slot.clone())
+    {
+        return Ok(Pushed::AlreadyThere);
+    }
+    let result = upload(svc, &settings, &remote, &store, archive, id, &key, reporter).await;
+    IN_FLIGHT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&slot);
+    if result.is_ok() {
+        remote.came_up();
+        mark_stored(&store, id);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    svc: &Service,
+    settings: &CacheSettings,
+    remote: &Remote,
+    store: &Store,
+    archive: &str,
+    id: BuildId,
+    key: &object_store::path::Path,
+    reporter: &Reporter,
+) -> Result<Pushed, CacheError> {
+    let started = Instant::now();
+    match remote.store.head(key).await {
+        Ok(_) => return Ok(Pushed::AlreadyThere),
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(outage(e)),
+    }
+    let signing = sign::load_signing_key(settings.signing_key.as_deref())
+        .map_err(|e| CacheError::NoSigningKey(e.to_string()))?;
+    if signing.is_none() && !settings.trusted_keys.is_empty() {
+        return Err(CacheError::NoSigningKey(
+            "set PMESH_CACHE_SIGNING_KEY or the [cache] table's signing_key".to_owned(),
+        ));
+    }
+    let dir = store.root().join(archive);
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = store
+        .state_dir("cache")
+        .map_err(|e| CacheError::Local(e.to_string()))?
+        .join(format!("push-{}-{n}", std::process::id()));
+    let max = settings.max_size;
+    let packed = {
+        let (dir, tmp) = (dir.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || pack_to(&dir, &tmp, max))
+            .await
+            .unwrap_or_else(|e| Err(CacheError::Local(format!("the packing task failed: {e}"))))
+    };
+    let result = match packed {
+        Ok((size, sha256)) => {
+            let id_s = id.to_string();
+            let plat = platform();
+            let signature = signing
+                .as_ref()
+                .map(|k| sign::sign(k, &sign::statement(&id_s, &plat, size, &sha256)));
+            let meta = Meta {
+                id: id_s,
+                platform: plat,
+                size,
+                sha256,
+                signature,
+            };
+            let mut head = MAGIC.to_vec();
+            head.extend(serde_json::to_vec(&meta).unwrap_or_default());
+            head.push(b'\n');
+            let total = head.len() as u64 + size;
+            send(remote, key, head, &tmp).await.map(|()| total)
+        }
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let bytes = result?;
+    reporter.emit(&Event::now(
+        &svc.name,
+        EventKind::Pushed {
+            id: id.to_string(),
+            bytes,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        },
+    ));
+    Ok(Pushed::Uploaded(bytes))
+}
+
+/// Counts and hashes what is written through it.
+struct DigestingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for DigestingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Packs `dir` into the file `tmp`; returns the payload's size and SHA-256.
+fn pack_to(dir: &Path, tmp: &Path, max: u64) -> Result<(u64, String), CacheError> {
+    let file = std::fs::File::create(tmp)
+        .map_err(|e| CacheError::Local(format!("cannot create {}: {e}", tmp.display())))?;
+    let mut w = DigestingWriter {
+        inner: io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    archive::pack(dir, &mut w, max)?;
+    w.flush().map_err(archive::ArchiveError::Io)?;
+    Ok((w.count, hex(&w.hasher.finalize())))
+}
+
+/// Uploads `head` then the file `payload` as one object: streamed in parts where the store
+/// takes multipart uploads (S3, files), else (WebDAV) in one PUT from memory.
+async fn send(
+    remote: &Remote,
+    key: &object_store::path::Path,
+    head: Vec<u8>,
+    payload: &Path,
+) -> Result<(), CacheError> {
+    use tokio::io::AsyncReadExt;
+    let open = || async {
+        tokio::fs::File::open(payload)
+            .await
+            .map_err(|e| CacheError::Local(format!("cannot read {}: {e}", payload.display())))
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    match remote.store.put_multipart(key).await {
+        Ok(upload) => {
+            let mut mp = WriteMultipart::new(upload);
+            mp.write(&head);
+            let mut f = open().await?;
+            loop {
+                let n = match f.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = mp.abort().await;
+                        return Err(CacheError::Local(e.to_string()));
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = mp.wait_for_capacity(4).await {
+                    return Err(outage(e));
+                }
+                mp.write(&buf[..n]);
+            }
+            mp.finish().await.map(|_| ()).map_err(outage)
+        }
+        Err(object_store::Error::NotImplemented { .. }) => {
+            let mut parts: Vec<Bytes> = vec![Bytes::from(head)];
+            let mut f = open().await?;
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| CacheError::Local(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                parts.push(Bytes::copy_from_slice(&buf[..n]));
+            }
+            let payload: PutPayload = parts.into_iter().collect();
+            remote
+                .store
+                .put(key, payload)
+                .await
+                .map(|_| ())
+                .map_err(outage)
+        }
+        Err(e) => Err(outage(e)),
+    }
+}
+
+/// Pushes in the background what `watch` just made live, when the manifest's `[cache]` has
+/// `push = true`; a failure is one warning (one per outage) and never delays anything. For the
+/// engine to call once a build is live.
+pub fn push_in_background(
+    svc: &Arc<Service>,
+    archive: &str,
+    id: BuildId,
+    reporter: &Arc<Reporter>,
+) {
+    if !svc.cache.as_ref().is_some_and(|c| c.push) {
+        return;
+    }
+    let (svc, archive, reporter) = (svc.clone(), archive.to_owned(), reporter.clone());
+    tokio::spawn(async move {
+        // An outage was warned about; its pause applies to pushes too.
+        if svc
+            .cache
+            .as_deref()
+            .and_then(|c| remote::remote(c).ok())
+            .is_some_and(|r| r.paused())
+        {
+            return;
+        }
+        if let Err(e) = push(&svc, &archive, id, &reporter).await {
+            push_warning(&svc, &reporter, &e);
+        }
+    });
+}
+
+fn push_warning(svc: &Service, reporter: &Reporter, e: &CacheError) {
+    match (svc.cache.as_deref().map(remote::remote), e) {
+        (Some(Ok(r)), e) => report(reporter, &svc.name, &r, "push failed", e),
+        (_, e) => warn(reporter, &svc.name, format!("cache: push failed: {e}")),
+    }
+}
+
+/// After a one-shot `build`: uploads the live build when asked (`--push`, or `push = true`)
+/// and waits for it. An explicit `--push` that fails is an error (CI asked to fill the cache);
+/// otherwise a failure is a warning.
+pub async fn push_after_build(
+    svc: &Service,
+    outcome: &anyhow::Result<Outcome>,
+    explicit: bool,
+    reporter: &Reporter,
+) -> Option<anyhow::Error> {
+    let wanted = explicit || svc.cache.as_ref().is_some_and(|c| c.push);
+    let id = match outcome {
+        Ok(Outcome::Built { id, .. } | Outcome::Reused { id, .. } | Outcome::UpToDate(id)) => *id,
+        _ => return None,
+    };
+    if !wanted || svc.cache.is_none() {
+        return None;
+    }
+    let store = Store::new(&svc.root);
+    let archive = store.live().filter(|_| store.live_id() == Some(id))?;
+    match push(svc, &archive, id, reporter).await {
+        Ok(_) => None,
+        Err(e) if explicit => Some(anyhow::anyhow!(
+            "the build is archived, but pushing it to the cache failed: {e}"
+        )),
+        Err(e) => {
+            push_warning(svc, reporter, &e);
+            None
+        }
+    }
+}
