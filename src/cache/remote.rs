@@ -17,6 +17,9 @@ use crate::manifest::CacheSettings;
 /// How long the store is left alone after it could not be reached.
 const OUTAGE_PAUSE: Duration = Duration::from_secs(30);
 
+/// The longest wait for the next bytes of an answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The bearer token for an `http(s)://` store.
 pub const TOKEN_VAR: &str = "PMESH_CACHE_TOKEN";
 
@@ -66,11 +69,11 @@ pub fn remote(settings: &CacheSettings) -> Result<Arc<Remote>, SetupError> {
 }
 
 fn client_options(settings: &CacheSettings) -> ClientOptions {
-    // The connect timeout bounds what an unreachable store costs; a request as a whole has
-    // no limit (an archive may be large), and a stalled body is caught by the caller's idle
-    // timeout instead.
+    // The connect timeout bounds what an unreachable store costs and the read timeout what a
+    // stalled one does; a request as a whole has no limit, since an archive may be large.
     ClientOptions::new()
         .with_connect_timeout(settings.connect_timeout)
+        .with_read_timeout(READ_TIMEOUT)
         .with_timeout_disabled()
 }
 
