@@ -702,3 +702,37 @@ fn an_unreachable_store_costs_one_warning_and_builds_go_on() {
     assert_eq!(w.len(), 1, "one warning for the whole outage: {w:?}");
     watch.interrupt();
 }
+
+#[test]
+fn a_store_that_accepts_but_never_answers_costs_a_bounded_wait() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A store that hangs: it takes connections and says nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(AtomicBool::new(false));
+    let hung = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
+    let t = checkout(&format!("http://127.0.0.1:{port}/cache"), "", "true");
+    let t0 = Instant::now();
+    let run = build(&t, &[], &[]).ok();
+    let took = t0.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let _ = hung.join();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let w = warnings(&run.json_lines());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("unreachable"), "{w:?}");
+    assert_eq!(t.read("ran"), "ran\n");
+}

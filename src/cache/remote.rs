@@ -18,7 +18,7 @@ use crate::manifest::CacheSettings;
 const OUTAGE_PAUSE: Duration = Duration::from_secs(30);
 
 /// The longest wait for the next bytes of an answer.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The bearer token for an `http(s)://` store.
 pub const TOKEN_VAR: &str = "PMESH_CACHE_TOKEN";
