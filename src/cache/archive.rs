@@ -17,6 +17,29 @@ use std::path::{Component, Path, PathBuf};
 /// of empty files can cause.
 const MAX_ENTRIES: u64 = 1_000_000;
 
+/// What the tar stream may hold beyond its files' bytes: headers, padding, long names.
+const TAR_OVERHEAD: u64 = 256 << 20;
+
+/// A reader that fails once more than `left` bytes came through it.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    max_size: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        match self.left.checked_sub(n as u64) {
+            Some(l) => self.left = l,
+            None => {
+                return Err(io::Error::other(ArchiveError::TooLarge(self.max_size)));
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// Why an archive was refused or could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -163,7 +186,13 @@ pub struct Unpacked {
 /// Unpacks a zstd-compressed tar stream into `dest`, an empty directory, under the rules in
 /// this module's comment. On an error `dest` holds a partial tree: the caller removes it.
 pub fn unpack(input: impl Read, dest: &Path, max_size: u64) -> Result<Unpacked, ArchiveError> {
-    let dec = zstd::Decoder::new(input)?;
+    // The tar reader holds long names and pax headers in memory whatever their size: bounding
+    // the decompressed stream bounds them (and any zstd bomb) too.
+    let dec = Bounded {
+        inner: zstd::Decoder::new(input)?,
+        left: max_size.saturating_add(TAR_OVERHEAD),
+        max_size,
+    };
     let mut archive = tar::Archive::new(dec);
     let mut out = Unpacked::default();
     let mut count = 0u64;

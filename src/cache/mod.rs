@@ -274,16 +274,32 @@ pub async fn fetch(
     }
 }
 
+/// Whether `fetch-<pid>-<n>` or `push-<pid>-<n>` belongs to a process that is gone.
+fn abandoned(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("fetch-")
+        .or_else(|| name.strip_prefix("push-"))
+    else {
+        return false;
+    };
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    matches!(
+        nix::sys::signal::kill(pid, None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
 /// A fresh temporary directory for one download, on the service root's file system so that
-/// adopting it is one rename; leftovers of a killed run are removed by the next one.
+/// adopting it is one rename; what a killed process left is removed here.
 fn fetch_dir(store: &Store) -> Result<PathBuf, String> {
     let dir = store.state_dir("cache").map_err(|e| e.to_string())?;
     let pid = std::process::id();
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let ours = name.ends_with(&format!("-{pid}")) || name.contains(&format!("-{pid}-"));
-            if (name.starts_with("fetch-") || name.starts_with("push-")) && !ours {
+            if abandoned(&e.file_name().to_string_lossy()) {
                 let p = e.path();
                 let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
             }
@@ -772,5 +788,29 @@ pub async fn push_after_build(
             push_warning(svc, reporter, &e);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_leftovers_of_dead_processes_are_abandoned() {
+        let me = std::process::id();
+        assert!(!abandoned(&format!("fetch-{me}-0")));
+        // Above the kernel's pid limit: no such process.
+        assert!(abandoned("fetch-2147483600-3"));
+        assert!(abandoned("push-2147483600-0"));
+        assert!(!abandoned("stored"));
+        assert!(!abandoned("fetch-x-1"));
+    }
+
+    #[test]
+    fn the_platform_names_os_and_cpu() {
+        let p = platform();
+        assert!(p.starts_with(std::env::consts::OS), "{p}");
+        assert!(p.contains(std::env::consts::ARCH), "{p}");
+        assert_eq!(entry_name("ab")[2], "ab.pmesh");
     }
 }
