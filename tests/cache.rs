@@ -736,3 +736,19 @@ fn a_store_that_accepts_but_never_answers_costs_a_bounded_wait() {
     assert!(w[0].contains("unreachable"), "{w:?}");
     assert_eq!(t.read("ran"), "ran\n");
 }
+
+#[test]
+fn a_file_url_shares_builds_through_a_directory() {
+    let store = Tmp::new();
+    let url = format!("file://{}/shared", store.path().display());
+    let a = checkout(&url, "push = true", "true");
+    let events = build(&a, &[], &[]).ok().json_lines();
+    assert_eq!(events_of(&events, "pushed").len(), 1, "{events:#?}");
+    let b = checkout(&url, "", "true");
+    let events = build(&b, &[], &[]).ok().json_lines();
+    assert_eq!(events_of(&events, "fetched").len(), 1, "{events:#?}");
+    assert!(!b.join("ran").exists());
+    // Pushing again finds it there and uploads nothing.
+    let events = build(&a, &["--push"], &[]).ok().json_lines();
+    assert!(events_of(&events, "pushed").is_empty(), "{events:#?}");
+}
