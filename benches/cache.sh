@@ -101,11 +101,11 @@ for i in range(400):
         f.write(os.urandom(each) if i % 2 else (words * (each // len(words) + 1))[:each])
 EOF
 echo "cache bench" >"$SRC/app/index.html"
-write_manifest() { # $1: the checkout, $2: "cache" or ""
+write_manifest() { # $1: the checkout, $2: "cache" or "", $3: the store's url (default $URL)
     local port
     port=$(free_port)
     {
-        [ "$2" = cache ] && printf '[cache]\nurl = "%s"\n\n' "$URL"
+        [ "$2" = cache ] && printf '[cache]\nurl = "%s"\n\n' "${3:-$URL}"
         cat <<EOF
 [services.app]
 build = ["sleep $BUILD_S", "python3 gen.py \"\$PMESH_BUILD_DIR\" $MB", "cp index.html \"\$PMESH_BUILD_DIR/\""]
@@ -114,11 +114,11 @@ listen = $port
 EOF
     } >"$1/pmesh.toml"
 }
-checkout() { # $1: name, $2: "cache" or "": a fresh checkout with no local state
+checkout() { # $1: name, $2: "cache" or "", $3: the store's url: a fresh checkout, no local state
     rm -rf "${WORK:?}/$1"
     mkdir -p "$WORK/$1/app"
     cp "$SRC/app/gen.py" "$SRC/app/index.html" "$WORK/$1/app/"
-    write_manifest "$WORK/$1" "$2"
+    write_manifest "$WORK/$1" "$2" "${3:-}"
 }
 
 log "filling the cache (one build of ${BUILD_S}s + ${MB} MB, pushed)"
@@ -160,13 +160,21 @@ EOF
 
 # --- unpack rate -------------------------------------------------------------------------------
 median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+# The same entry in a file:// store: the unpack without the network.
+cp -r "$WORK/dav/data/cache" "$WORK/filestore"
 fetch_ms=()
+file_ms=()
+fetched_ms() { # $1: checkout: the `fetched` event's duration_ms of a one-shot build there
+    (cd "$1" && "$PMESH" build --json) |
+        python3 -c 'import json, sys; print(next(e["duration_ms"] for e in map(json.loads, sys.stdin) if e["event"] == "fetched"))'
+}
 for i in $(seq "$RUNS"); do
     checkout "unpack-$i" cache
-    ms=$(cd "$WORK/unpack-$i" && "$PMESH" build --json |
-        python3 -c 'import json, sys; print(next(e["duration_ms"] for e in map(json.loads, sys.stdin) if e["event"] == "fetched"))')
-    fetch_ms+=("$ms")
+    fetch_ms+=("$(fetched_ms "$WORK/unpack-$i")")
     rm -rf "${WORK:?}/unpack-$i"
+    checkout "unpack-file-$i" cache "file://$WORK/filestore"
+    file_ms+=("$(fetched_ms "$WORK/unpack-file-$i")")
+    rm -rf "${WORK:?}/unpack-file-$i"
 done
 HEADER=$(head -n 2 "$OBJECT" | wc -c)
 tail -c +"$((HEADER + 1))" "$OBJECT" >"$WORK/payload.tar.zst"
@@ -180,14 +188,19 @@ for i in $(seq "$RUNS"); do
     rm -rf "${WORK:?}/tar-$i"
 done
 P=$(printf '%s\n' "${fetch_ms[@]}" | median)
+F=$(printf '%s\n' "${file_ms[@]}" | median)
 T=$(printf '%s\n' "${tar_ms[@]}" | median)
-python3 - "$UNPACKED" "$OBJECT_BYTES" "$P" "$T" "${fetch_ms[*]}" "${tar_ms[*]}" <<'EOF'
+python3 - "$UNPACKED" "$OBJECT_BYTES" "$P" "$F" "$T" "${fetch_ms[*]}" "${file_ms[*]}" "${tar_ms[*]}" <<'EOF'
 import sys
-unpacked, obj, p, t = (int(x) for x in sys.argv[1:5])
-print("unpack, %.1f MB of artifacts in a %.1f MB entry, median of runs:" % (unpacked / 1e6, obj / 1e6))
-print("  pmesh-dev fetch (download, digest, safe unpack, verify)  %5d ms  %7.1f MB/s   (%s)"
-      % (p, unpacked / 1e3 / max(p, 1), sys.argv[5]))
-print("  tar -I zstd -xf of the same payload, local file          %5d ms  %7.1f MB/s   (%s)"
-      % (t, unpacked / 1e3 / max(t, 1), sys.argv[6]))
-print("  ratio (pmesh-dev rate / tar rate)                                 %5.2fx" % (t / max(p, 1)))
+unpacked, obj, p, f, t = (int(x) for x in sys.argv[1:6])
+rate = lambda ms: unpacked / 1e3 / max(ms, 1)
+print("unpack, %.1f MB of artifacts in a %.1f MB entry, median of runs (MB/s of artifacts):"
+      % (unpacked / 1e6, obj / 1e6))
+print("  pmesh-dev fetch over WebDAV (download, digest, safe unpack, verify)  %5d ms  %6.1f MB/s  (%s)"
+      % (p, rate(p), sys.argv[6]))
+print("  pmesh-dev fetch from a file:// store (digest, safe unpack, verify)   %5d ms  %6.1f MB/s  (%s)"
+      % (f, rate(f), sys.argv[7]))
+print("  tar -I zstd -xf of the same payload, a local file                    %5d ms  %6.1f MB/s  (%s)"
+      % (t, rate(t), sys.argv[8]))
+print("  pmesh-dev rate / tar rate: %.2fx over WebDAV, %.2fx from a file" % (t / max(p, 1), t / max(f, 1)))
 EOF
