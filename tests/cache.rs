@@ -730,7 +730,8 @@ fn a_store_that_accepts_but_never_answers_costs_a_bounded_wait() {
     let took = t0.elapsed();
     stop.store(true, Ordering::SeqCst);
     let _ = hung.join();
-    assert!(took < Duration::from_secs(20), "took {took:?}");
+    // The lookup gives up after connect_timeout + 1 s, whatever the client's retries.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
     let w = warnings(&run.json_lines());
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains("unreachable"), "{w:?}");

@@ -186,14 +186,23 @@ pub struct Unpacked {
 /// Unpacks a zstd-compressed tar stream into `dest`, an empty directory, under the rules in
 /// this module's comment. On an error `dest` holds a partial tree: the caller removes it.
 pub fn unpack(input: impl Read, dest: &Path, max_size: u64) -> Result<Unpacked, ArchiveError> {
-    // The tar reader holds long names and pax headers in memory whatever their size: bounding
-    // the decompressed stream bounds them (and any zstd bomb) too.
-    let dec = Bounded {
+    unpack_tar(decompress(input, max_size)?, dest, max_size)
+}
+
+/// The tar stream inside zstd-compressed `input`, failing past `max_size` and the tar
+/// overhead: the tar reader holds long names and pax headers in memory whatever their size,
+/// so bounding the decompressed stream bounds them (and any zstd bomb) too.
+pub fn decompress(input: impl Read, max_size: u64) -> io::Result<impl Read> {
+    Ok(Bounded {
         inner: zstd::Decoder::new(input)?,
         left: max_size.saturating_add(TAR_OVERHEAD),
         max_size,
-    };
-    let mut archive = tar::Archive::new(dec);
+    })
+}
+
+/// [`unpack`] of a tar stream that is already decompressed.
+pub fn unpack_tar(input: impl Read, dest: &Path, max_size: u64) -> Result<Unpacked, ArchiveError> {
+    let mut archive = tar::Archive::new(input);
     let mut out = Unpacked::default();
     let mut count = 0u64;
     // Directories this unpack made or checked: a path below one of them is never reached

@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,18 +202,28 @@ pub async fn fetch(
     }
     let started = Instant::now();
     let key = remote.key(&entry_name(&id.to_string()).each_ref().map(String::as_str));
+    // However the client retries, a lookup costs at most this before the build goes on.
+    let patience = settings.connect_timeout + Duration::from_secs(1);
     let got = tokio::select! {
-        r = remote.store.get(&key) => r,
+        r = tokio::time::timeout(patience, remote.store.get(&key)) => r,
         () = cancel.cancelled() => return None,
     };
     let stream = match got {
-        Ok(g) => g.into_stream(),
-        Err(object_store::Error::NotFound { .. }) => {
+        Ok(Ok(g)) => g.into_stream(),
+        Ok(Err(object_store::Error::NotFound { .. })) => {
             remote.came_up();
             return None;
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             report(reporter, &svc.name, &remote, "lookup failed", &outage(e));
+            return None;
+        }
+        Err(_) => {
+            let e = CacheError::Unreachable(format!(
+                "no answer within {}",
+                crate::log::human_ms(u64::try_from(patience.as_millis()).unwrap_or(u64::MAX))
+            ));
+            report(reporter, &svc.name, &remote, "lookup failed", &e);
             return None;
         }
     };
@@ -400,7 +411,7 @@ impl<R: Read> Read for Digesting<R> {
 
 /// Reads one entry from `input` into `dest`, checking everything; returns the bytes read.
 fn receive(
-    input: impl Read,
+    input: impl Read + Send,
     dest: &Path,
     id: BuildId,
     settings: &CacheSettings,
@@ -444,38 +455,42 @@ fn receive(
         return Err(archive::ArchiveError::TooLarge(settings.max_size).into());
     }
     let header_len = (MAGIC.len() + line.len()) as u64;
-    let mut payload = Digesting {
+    let payload = Digesting {
         inner: r,
         hasher: Sha256::new(),
         count: 0,
         limit: meta.size,
         ended: false,
     };
-    let unpacked = archive::unpack(&mut payload, dest, settings.max_size);
-    // Whatever the unpacker left unread still counts: the digest covers every byte.
-    let drained = unpacked.and_then(|_| Ok(io::copy(&mut payload, &mut io::sink())?));
-    match drained {
-        Ok(_) => {}
-        Err(archive::ArchiveError::Io(e)) => {
-            return Err(match io_to_cache(e) {
-                CacheError::Unreachable(w) => CacheError::Unreachable(w),
-                // A payload cut short shows as a broken zstd or tar stream.
-                _ if payload.ended => CacheError::Truncated {
-                    got: payload.count,
-                    want: meta.size,
-                },
-                other => other,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    }
-    if payload.count != meta.size {
-        return Err(CacheError::Truncated {
-            got: payload.count,
-            want: meta.size,
+    // Two threads, as `zstd -d | tar -x` has two processes: this one checks and writes the
+    // entries while the other downloads, digests and decompresses.
+    let (tx, rx) = std::sync::mpsc::sync_channel(PIPE_DEPTH);
+    let max = settings.max_size;
+    let (unpacked, decoded) = std::thread::scope(|s| {
+        let decoder = s.spawn(move || decode(payload, max, tx));
+        let unpacked = archive::unpack_tar(Chunks::new(rx), dest, max);
+        (unpacked, decoder.join())
+    });
+    let decoded =
+        decoded.map_err(|_| CacheError::Local("the decompressing thread panicked".to_owned()))?;
+    let truncated = || CacheError::Truncated {
+        got: decoded.count,
+        want: meta.size,
+    };
+    // The decoder's error comes first: the unpacker's is then only the stream ending early.
+    if let Some(e) = decoded.error {
+        return Err(match io_to_cache(e) {
+            CacheError::Unreachable(w) => CacheError::Unreachable(w),
+            // A payload cut short shows as a broken zstd stream.
+            _ if decoded.ended => truncated(),
+            other => other,
         });
     }
-    if hex(&payload.hasher.finalize()) != meta.sha256 {
+    unpacked?;
+    if decoded.count != meta.size {
+        return Err(truncated());
+    }
+    if decoded.sha256 != meta.sha256 {
         return Err(CacheError::Tampered);
     }
     let buildid = dest.join(store::BUILDID_FILE);
@@ -483,7 +498,77 @@ fn receive(
     if !real_file || store::read_id(dest) != Some(id) {
         return Err(CacheError::NoBuildId);
     }
-    Ok(header_len + payload.count)
+    Ok(header_len + decoded.count)
+}
+
+/// What the decompressing thread saw of the payload.
+struct Decoded {
+    count: u64,
+    sha256: String,
+    ended: bool,
+    error: Option<io::Error>,
+}
+
+/// Digests and decompresses `payload`, sending the tar stream to the unpacker in chunks, then
+/// reads what is left after the zstd frame (the digest covers every byte). Stops early,
+/// without an error, when the unpacker gave up: its own error says why.
+fn decode<R: Read>(mut payload: Digesting<R>, max: u64, tx: SyncSender<Vec<u8>>) -> Decoded {
+    let error = (|| -> io::Result<()> {
+        let mut tar = archive::decompress(&mut payload, max)?;
+        loop {
+            let mut buf = vec![0u8; 256 * 1024];
+            let n = tar.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            if tx.send(buf).is_err() {
+                return Ok(());
+            }
+        }
+        drop(tar);
+        io::copy(&mut payload, &mut io::sink())?;
+        Ok(())
+    })()
+    .err();
+    Decoded {
+        count: payload.count,
+        sha256: hex(&payload.hasher.finalize()),
+        ended: payload.ended,
+        error,
+    }
+}
+
+/// The decompressed tar stream, as the unpacker reads it.
+struct Chunks {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Chunks {
+    fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Chunks {
+        Chunks {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(v) => (self.cur, self.pos) = (v, 0),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
