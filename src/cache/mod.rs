@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{GetResultPayload, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -209,7 +209,7 @@ pub async fn fetch(
         () = cancel.cancelled() => return None,
     };
     let stream = match got {
-        Ok(Ok(g)) => g.into_stream(),
+        Ok(Ok(g)) => g.payload,
         Ok(Err(object_store::Error::NotFound { .. })) => {
             remote.came_up();
             return None;
@@ -236,15 +236,25 @@ pub async fn fetch(
             return None;
         }
     };
-    let (tx, rx) = mpsc::channel(PIPE_DEPTH);
-    let pump = tokio::spawn(pump(stream, tx, cancel.clone()));
+    // A file:// store hands over the open file: read it directly, not in the client's 8 KiB
+    // chunks through the runtime.
+    let (input, pump): (Box<dyn Read + Send>, _) = match stream {
+        GetResultPayload::File(file, _) => (Box::new(file), None),
+        GetResultPayload::Stream(s) => {
+            let (tx, rx) = mpsc::channel(PIPE_DEPTH);
+            let pump = tokio::spawn(pump(s, tx, cancel.clone()));
+            (Box::new(ChannelReader::new(rx)), Some(pump))
+        }
+    };
     let unpacked = {
         let (tmp, settings) = (tmp.clone(), settings.clone());
-        tokio::task::spawn_blocking(move || receive(ChannelReader::new(rx), &tmp, id, &settings))
+        tokio::task::spawn_blocking(move || receive(input, &tmp, id, &settings))
             .await
             .unwrap_or_else(|e| Err(CacheError::Local(format!("the unpacking task failed: {e}"))))
     };
-    pump.abort();
+    if let Some(p) = pump {
+        p.abort();
+    }
     let adopted = unpacked.and_then(|bytes| {
         let a = store
             .adopt(&tmp, id, started.elapsed(), None)
