@@ -753,3 +753,16 @@ fn a_file_url_shares_builds_through_a_directory() {
     let events = build(&a, &["--push"], &[]).ok().json_lines();
     assert!(events_of(&events, "pushed").is_empty(), "{events:#?}");
 }
+
+#[test]
+fn push_without_a_cache_table_is_a_usage_error() {
+    let t = Tmp::new();
+    one_service(&t, &["true"], "");
+    let run = t.run(&["build", "--push"]).expect_code(2);
+    assert!(
+        run.stderr().contains("needs a [cache] table"),
+        "{}",
+        run.stderr()
+    );
+    assert!(archives(&t.join("app")).is_empty(), "nothing was built");
+}

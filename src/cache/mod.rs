@@ -872,6 +872,17 @@ pub async fn push_after_build(
     if !wanted || svc.cache.is_none() {
         return None;
     }
+    // An outage already warned about (this very build's lookup, say) is not waited on again,
+    // unless CI asked for the upload.
+    let paused = || {
+        svc.cache
+            .as_deref()
+            .and_then(|c| remote::remote(c).ok())
+            .is_some_and(|r| r.paused())
+    };
+    if !explicit && paused() {
+        return None;
+    }
     let store = Store::new(&svc.root);
     let archive = store.live().filter(|_| store.live_id() == Some(id))?;
     match push(svc, &archive, id, reporter).await {
