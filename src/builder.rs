@@ -11,10 +11,9 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Sink};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
-use crate::log::Reporter;
 use crate::manifest::Service;
 
 /// How many of a failed step's last output lines the error shows.
@@ -22,6 +21,19 @@ const TAIL_LINES: usize = 20;
 
 /// How long a cancelled step gets between SIGTERM and SIGKILL.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether build steps and instances are told to print colours although their output is a
+/// pipe: set when that output ends on a colour terminal or in the TUI.
+static FORCE_COLOUR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells build tools that their output ends up where colours show (`FORCE_COLOR`,
+/// `CLICOLOR_FORCE`, `CARGO_TERM_COLOR`); the manifest's `env` can still say otherwise.
+pub fn force_colour(on: bool) {
+    FORCE_COLOUR.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A timer that is not meant to fire until it is reset.
+const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
 /// Why the steps did not all succeed.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +43,12 @@ pub enum BuildFailure {
         index: usize,
         count: usize,
         step: String,
+        status: ExitStatus,
+        tail: Vec<String>,
+    },
+    #[error("{}", install_failure(.command, .status, .tail))]
+    Install {
+        command: String,
         status: ExitStatus,
         tail: Vec<String>,
     },
@@ -50,6 +68,21 @@ fn step_failure(
     let mut s = format!(
         "step {} of {count} (`{step}`) failed with {}",
         index + 1,
+        describe_status(status)
+    );
+    if !tail.is_empty() {
+        s.push_str("; its last lines:");
+        for l in tail {
+            s.push_str("\n    ");
+            s.push_str(l);
+        }
+    }
+    s
+}
+
+fn install_failure(command: &str, status: &ExitStatus, tail: &[String]) -> String {
+    let mut s = format!(
+        "install (`{command}`) failed with {}",
         describe_status(status)
     );
     if !tail.is_empty() {
@@ -98,7 +131,7 @@ pub async fn run_steps(
     svc: &Service,
     build_dir: &Path,
     id: BuildId,
-    reporter: &Arc<Reporter>,
+    reporter: &Arc<Sink>,
     log: &mut BuildLog,
     cancel: &CancellationToken,
 ) -> Result<(), BuildFailure> {
@@ -118,6 +151,92 @@ pub async fn run_steps(
                 status,
                 tail,
             });
+        }
+    }
+    Ok(())
+}
+
+/// What the install step last succeeded with: its command and a digest of each input.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct InstallRecord {
+    command: String,
+    /// Input path -> xxh3-128 of its content (hex), or "" for a missing file.
+    inputs: std::collections::BTreeMap<String, String>,
+}
+
+fn install_state(svc: &Service, install: &crate::manifest::Install) -> InstallRecord {
+    let inputs = (install.inputs.iter())
+        .map(|p| {
+            let digest = std::fs::read(svc.root.join(p))
+                .map(|b| format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&b)))
+                .unwrap_or_default();
+            (p.clone(), digest)
+        })
+        .collect();
+    InstallRecord {
+        command: install.run.clone(),
+        inputs,
+    }
+}
+
+/// Runs `svc`'s install step (its dependencies, in the service root) when its command or the
+/// content of its inputs changed since it last succeeded; `record` is where that success is
+/// kept. Its output goes where a step's goes; it fails like one.
+pub async fn install(
+    svc: &Service,
+    record: &Path,
+    build_dir: &Path,
+    id: BuildId,
+    reporter: &Arc<Sink>,
+    log: &mut BuildLog,
+    cancel: &CancellationToken,
+) -> Result<(), BuildFailure> {
+    let Some(install) = &svc.install else {
+        return Ok(());
+    };
+    let last: InstallRecord = std::fs::read(record)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let now = install_state(svc, install);
+    if now == last {
+        return Ok(());
+    }
+    let why = if last.command.is_empty() {
+        "not run here yet".to_owned()
+    } else if last.command != now.command {
+        "its command changed".to_owned()
+    } else {
+        let changed: Vec<&str> = (now.inputs.iter())
+            .filter(|(p, d)| last.inputs.get(*p) != Some(*d))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        format!("{} changed", changed.join(", "))
+    };
+    let line = format!("$ {}   # install: {why}", install.run);
+    log.write(&line);
+    reporter.now(
+        &svc.name,
+        EventKind::Output {
+            line,
+            source: "build".to_owned(),
+        },
+    );
+    let (status, tail) = run_step(svc, &install.run, build_dir, id, reporter, log, cancel).await?;
+    if !status.success() {
+        log.write(&format!("# failed with {}", describe_status(&status)));
+        return Err(BuildFailure::Install {
+            command: install.run.clone(),
+            status,
+            tail,
+        });
+    }
+    // Read again: the install itself may rewrite its lockfile.
+    let done = install_state(svc, install);
+    if let Ok(body) = serde_json::to_vec_pretty(&done) {
+        let tmp = record.with_extension("tmp");
+        if std::fs::write(&tmp, body).is_ok() {
+            let _ = std::fs::rename(&tmp, record);
         }
     }
     Ok(())
@@ -143,12 +262,19 @@ pub(crate) fn shell(
         .current_dir(&svc.root)
         .env("PMESH_BUILD_ID", id.to_string())
         .env("PMESH_SERVICE", &svc.name)
-        .envs(vars.iter().copied())
-        .envs(&svc.env)
+        .envs(vars.iter().copied());
+    if FORCE_COLOUR.load(std::sync::atomic::Ordering::Relaxed) {
+        cmd.env("FORCE_COLOR", "1")
+            .env("CLICOLOR_FORCE", "1")
+            .env("CARGO_TERM_COLOR", "always");
+    }
+    cmd.envs(&svc.env)
         .stdin(Stdio::null())
         .stdout(Stdio::from(writer))
         .stderr(Stdio::from(writer2))
         .process_group(0);
+    // pmesh-dev raised its own descriptor limit for the proxy; not the children's.
+    crate::proxy::keep_child_fd_limit(cmd.as_std_mut());
     if let Some(g) = Guardian::get() {
         g.register_in_child(&mut cmd);
     }
@@ -179,7 +305,7 @@ async fn run_step(
     step: &str,
     build_dir: &Path,
     id: BuildId,
-    reporter: &Arc<Reporter>,
+    reporter: &Arc<Sink>,
     log: &mut BuildLog,
     cancel: &CancellationToken,
 ) -> Result<(ExitStatus, Vec<String>), BuildFailure> {
@@ -221,8 +347,11 @@ async fn run_step(
     let mut reader_done = false;
     // A process that left the group (setsid) may hold the output open; it gets a moment to
     // finish its lines once the step is over, then is no longer waited for.
-    let drain = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    let drain = tokio::time::sleep(FOREVER);
     tokio::pin!(drain);
+    // After a cancel: when the step is killed if it has not exited on SIGTERM.
+    let grace = tokio::time::sleep(FOREVER);
+    tokio::pin!(grace);
     while status.is_none() || output_open {
         tokio::select! {
             line = lines_rx.recv(), if output_open => match line {
@@ -244,11 +373,16 @@ async fn run_step(
                 .await;
             },
             _ = cancel.cancelled(), if !cancelled && status.is_none() => {
+                // SIGTERM now; the step's own exit is awaited right here (it is reaped by
+                // `child.wait()` above, so a dead step is seen at once, not polled for while it
+                // is a zombie), and only a step that outlives the grace is killed.
                 cancelled = true;
-                let _ = tokio::task::spawn_blocking(move || {
-                    guardian::stop_groups(&[pgid], CANCEL_GRACE)
-                })
-                .await;
+                guardian::signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
+                grace.as_mut().reset(tokio::time::Instant::now() + CANCEL_GRACE);
+            },
+            _ = &mut grace, if cancelled && status.is_none() => {
+                guardian::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+                grace.as_mut().reset(tokio::time::Instant::now() + FOREVER);
             },
         }
     }

@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::control;
+use crate::event::Sink;
 use crate::hash::{self, CacheUse, HashSpec};
-use crate::log::{Format, Reporter};
+use crate::log::{Format, Printer};
 use crate::manifest::{self, Manifest};
 use crate::pipeline::{self, Outcome};
 use crate::store::Store;
@@ -178,11 +179,10 @@ fn selected(m: &Manifest, names: &[String]) -> Result<Vec<Arc<crate::manifest::S
         .collect())
 }
 
-/// A reporter printing plain lines (prefixed with the service when there are several) or
-/// NDJSON.
-fn plain_or_json(json: bool, services: usize) -> Arc<Reporter> {
+/// A printer of plain lines (prefixed with the service when there are several) or NDJSON.
+fn plain_or_json(json: bool, services: usize) -> Printer {
     let format = if json { Format::Json } else { Format::Plain };
-    Arc::new(Reporter::new(format, services > 1))
+    Printer::new(format, services > 1)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -208,37 +208,46 @@ fn watch(
         (false, true) => Format::Json,
         (false, false) => Format::Plain,
     };
-    let reporter = Arc::new(Reporter::new(format, services.len() > 1));
     let opts = crate::engine::WatchOptions { poll };
+    crate::builder::force_colour(tui || (format == Format::Plain && crate::log::colour_terminal()));
+    // Each root is held for the whole watch; a second pmesh-dev on it is refused.
+    let mut roots = Vec::new();
+    for svc in &services {
+        let store = Store::new(&svc.root);
+        let lock = store
+            .lock("pmesh-dev watch")
+            .map_err(|e| anyhow::anyhow!("service `{}`: {e}", svc.name))?;
+        store.recover()?;
+        roots.push((store, lock));
+    }
     let rt = runtime()?;
+    let sink = Sink::new();
     rt.block_on(async {
+        let printing = Printer::new(format, services.len() > 1).spawn(&sink);
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
         let mut senders = std::collections::BTreeMap::new();
-        for svc in &services {
+        for (svc, (store, _)) in services.iter().zip(&roots) {
             let name = svc.name.clone();
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             senders.insert(name.clone(), tx.clone());
+            control::start(svc, tx, &sink, &shutdown);
             let fut = crate::engine::run(
                 svc.clone(),
+                store.clone(),
                 m.path.clone(),
                 opts,
-                reporter.clone(),
+                sink.clone(),
                 shutdown.clone(),
-                (tx, rx),
+                rx,
             );
             tasks.spawn(async move { (name, fut.await) });
         }
         let mut errors = Vec::new();
         if tui {
             // The TUI owns the terminal; an engine that fails ends it, so the error is seen.
-            let ui = crate::tui::run(
-                services.clone(),
-                reporter.clone(),
-                senders,
-                shutdown.clone(),
-            );
+            let ui = crate::tui::run(services.clone(), &sink, senders, shutdown.clone());
             tokio::pin!(ui);
             loop {
                 tokio::select! {
@@ -257,6 +266,8 @@ fn watch(
                     }
                 }
             }
+        } else {
+            drop(senders);
         }
         let mut code = EXIT_OK;
         while let Some(joined) = tasks.join_next().await {
@@ -268,6 +279,10 @@ fn watch(
                 shutdown.cancel();
             }
         }
+        for svc in &services {
+            control::remove(&svc.root);
+        }
+        printing.finish().await;
         for e in &errors {
             eprintln!("{e}");
             code = EXIT_FAILED;
@@ -279,10 +294,7 @@ fn watch(
 fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
     let selected = m.select(names).map_err(usage)?;
-    if let Some(s) = selected
-        .iter()
-        .find(|s| s.run.is_none() && !names.is_empty())
-    {
+    if let Some(s) = selected.iter().find(|s| !s.serves() && !names.is_empty()) {
         return Err(usage(anyhow::anyhow!(
             "service `{}` has no `run` command in {}",
             s.name,
@@ -291,7 +303,7 @@ fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> 
     }
     let services: Vec<_> = selected
         .into_iter()
-        .filter(|s| s.run.is_some())
+        .filter(|s| s.serves())
         .cloned()
         .map(Arc::new)
         .collect();
@@ -301,39 +313,49 @@ fn run_cmd(manifest: Option<&Path>, names: &[String], json: bool) -> Result<u8> 
             m.path.display()
         )));
     }
-    let reporter = plain_or_json(json, services.len());
+    let printer = plain_or_json(json, services.len());
     let rt = runtime()?;
+    let sink = Sink::new();
     rt.block_on(async {
+        let printing = printer.spawn(&sink);
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
+        let mut code = EXIT_OK;
+        let mut errors = Vec::new();
         for svc in services {
             // A running watch already serves it.
             let request = control::Request::Run;
-            if let Some(done) = control::request(&svc.root, &request, |e| reporter.emit(&e)).await {
+            if let Some(done) = control::request(&svc.root, &request, |e| sink.emit(&e)).await {
                 if let Ok(d) = &done
                     && d.code == EXIT_OK
                 {
                     eprintln!("{}", d.message);
                 }
-                let code = remote_code(&svc.name, done);
+                code = remote_code(&svc.name, done);
                 if code != EXIT_OK {
-                    return Ok(code);
+                    break;
                 }
                 continue;
             }
             let name = svc.name.clone();
-            let fut = crate::serve::run_only(svc, reporter.clone(), shutdown.clone());
+            let fut = crate::deploy::run_only(svc, sink.clone(), shutdown.clone());
             tasks.spawn(async move { (name, fut.await) });
         }
-        let mut code = EXIT_OK;
+        if code != EXIT_OK {
+            shutdown.cancel();
+        }
         while let Some(joined) = tasks.join_next().await {
             let (name, result) = joined?;
             if let Err(e) = result {
-                eprintln!("error: service `{name}`: {e:#}");
+                errors.push(format!("error: service `{name}`: {e:#}"));
                 code = EXIT_FAILED;
                 shutdown.cancel();
             }
+        }
+        printing.finish().await;
+        for e in &errors {
+            eprintln!("{e}");
         }
         Ok(code)
     })
@@ -396,37 +418,41 @@ fn build(
         )));
     }
     let services = selected(&m, names)?;
-    let reporter = plain_or_json(json, services.len());
+    let printer = plain_or_json(json, services.len());
+    crate::builder::force_colour(!json && crate::log::colour_terminal());
     let rt = runtime()?;
+    let sink = Sink::new();
     rt.block_on(async {
+        let printing = printer.spawn(&sink);
         let cancel = CancellationToken::new();
         cancel_on_signals(cancel.clone())?;
         let mut tasks = tokio::task::JoinSet::new();
         for svc in services {
             let name = svc.name.clone();
-            let (manifest, reporter, cancel) = (m.path.clone(), reporter.clone(), cancel.clone());
+            let (manifest, sink, cancel) = (m.path.clone(), sink.clone(), cancel.clone());
             tasks.spawn(async move {
                 // A running watch owns this root: it builds, and we show what it does.
                 let request = control::Request::Build { force };
-                if let Some(done) =
-                    control::request(&svc.root, &request, |e| reporter.emit(&e)).await
-                {
+                if let Some(done) = control::request(&svc.root, &request, |e| sink.emit(&e)).await {
                     return (name, Remote(done));
                 }
                 let outcome =
-                    pipeline::build(svc.clone(), manifest, force, reporter.clone(), cancel).await;
+                    pipeline::build(svc.clone(), manifest, force, sink.clone(), cancel).await;
                 // The team's cache (issue 14): the upload finishes before the command exits.
-                if let Some(e) =
-                    crate::cache::push_after_build(&svc, &outcome, push, &reporter).await
-                {
+                if let Some(e) = crate::cache::push_after_build(&svc, &outcome, push, &sink).await {
                     return (name, Local(Err(e)));
                 }
                 (name, Local(outcome))
             });
         }
-        let mut code = EXIT_OK;
+        let mut results = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let (name, result) = joined?;
+            results.push(joined?);
+        }
+        // What the builds printed comes before what this says of them.
+        printing.finish().await;
+        let mut code = EXIT_OK;
+        for (name, result) in results {
             let c = match result {
                 Local(Ok(Outcome::Cancelled)) => EXIT_INTERRUPTED,
                 Local(Ok(Outcome::Failed { .. })) => EXIT_FAILED,
@@ -559,44 +585,64 @@ fn age(t: Option<SystemTime>) -> String {
 
 fn builds(manifest: Option<&Path>, service: Option<&str>, json: bool) -> Result<u8> {
     let m = load_manifest(manifest)?;
-    let svc = m.one(service).map_err(usage)?;
-    let store = Store::new(&svc.root);
-    let live = store.live();
-    let archives = store.archives()?;
-    if json {
-        let items: Vec<_> = archives
-            .iter()
-            .map(|a| {
-                serde_json::json!({
-                    "name": a.name,
-                    "id": a.id.map(|i| i.to_string()),
-                    "live": live.as_deref() == Some(a.name.as_str()),
-                    "status": a.status().as_str(),
-                    "created": a.created().map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                })
-            })
-            .collect();
-        out(format!("{}\n", serde_json::Value::Array(items)).as_bytes())?;
-        return Ok(EXIT_OK);
-    }
-    if archives.is_empty() {
-        out(format!("{}: no builds yet (run `pmesh-dev build`)\n", svc.name).as_bytes())?;
-        return Ok(EXIT_OK);
-    }
-    let mut s = format!("  {:<29} {:<13} {:<9} STATUS\n", "BUILD", "ID", "AGE");
-    for a in &archives {
-        let is_live = live.as_deref() == Some(a.name.as_str());
-        s.push_str(&format!(
-            "{} {:<29} {:<13} {:<9} {}{}\n",
-            if is_live { "*" } else { " " },
-            a.name,
-            a.id.map_or_else(|| "?".to_owned(), |i| i.short()),
-            age(a.created()),
-            a.status().as_str(),
-            if is_live { "  <- .run" } else { "" }
+    // One service when it is named, the only one, or the one we are in; else all of them.
+    let services: Vec<&crate::manifest::Service> = match m.one(service) {
+        Ok(svc) => vec![svc],
+        Err(_) if service.is_none() => m.services.iter().collect(),
+        Err(e) => return Err(usage(e)),
+    };
+    let several = services.len() > 1;
+    let mut items = Vec::new();
+    let mut text = String::new();
+    for svc in services {
+        let store = Store::new(&svc.root);
+        let live = store.live();
+        let archives = store.archives()?;
+        for a in &archives {
+            let mut item = serde_json::json!({
+                "name": a.name,
+                "id": a.id.map(|i| i.to_string()),
+                "live": live.as_deref() == Some(a.name.as_str()),
+                "status": a.status().as_str(),
+                "created": a.created().map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            });
+            if several {
+                item["service"] = serde_json::Value::String(svc.name.clone());
+            }
+            items.push(item);
+        }
+        if several {
+            text.push_str(&format!("{}:\n", svc.name));
+        }
+        if archives.is_empty() {
+            text.push_str(&format!(
+                "{}: no builds yet (run `pmesh-dev build`)\n",
+                svc.name
+            ));
+            continue;
+        }
+        text.push_str(&format!(
+            "  {:<29} {:<13} {:<9} STATUS\n",
+            "BUILD", "ID", "AGE"
         ));
+        for a in &archives {
+            let is_live = live.as_deref() == Some(a.name.as_str());
+            text.push_str(&format!(
+                "{} {:<29} {:<13} {:<9} {}{}\n",
+                if is_live { "*" } else { " " },
+                a.name,
+                a.id.map_or_else(|| "?".to_owned(), |i| i.short()),
+                age(a.created()),
+                a.status().as_str(),
+                if is_live { "  <- .run" } else { "" }
+            ));
+        }
     }
-    out(s.as_bytes())?;
+    if json {
+        out(format!("{}\n", serde_json::Value::Array(items)).as_bytes())?;
+    } else {
+        out(text.as_bytes())?;
+    }
     Ok(EXIT_OK)
 }
 
@@ -608,19 +654,25 @@ fn rollback(manifest: Option<&Path>, args: &[String]) -> Result<u8> {
         [one] => (m.one(None).map_err(usage)?, Some(one.as_str())),
         [svc, build, ..] => (m.service(svc).map_err(usage)?, Some(build.as_str())),
     };
-    let reporter = Reporter::new(Format::Plain, false);
     let request = control::Request::Rollback {
         build: target.map(str::to_owned),
     };
-    let remote = runtime()?.block_on(control::request(&svc.root, &request, |e| reporter.emit(&e)));
-    if let Some(done) = remote {
-        return Ok(remote_code(&svc.name, done));
-    }
-    match pipeline::rollback(svc, target, &reporter) {
-        Ok(_) => Ok(EXIT_OK),
-        Err(e) => Err(Failure {
-            code: e.code(),
-            error: e.into(),
-        }),
-    }
+    let sink = Sink::new();
+    runtime()?.block_on(async {
+        let printing = Printer::new(Format::Plain, false).spawn(&sink);
+        let remote = control::request(&svc.root, &request, |e| sink.emit(&e)).await;
+        let local = match remote {
+            Some(_) => None,
+            None => Some(pipeline::rollback(svc, target, &sink)),
+        };
+        printing.finish().await;
+        match (remote, local) {
+            (Some(done), _) => Ok(remote_code(&svc.name, done)),
+            (None, Some(Err(e))) => Err(Failure {
+                code: e.code(),
+                error: e.into(),
+            }),
+            (None, _) => Ok(EXIT_OK),
+        }
+    })
 }

@@ -17,8 +17,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Command, Done, Event};
-use crate::log::Reporter;
+use crate::event::{Command, Done, Event, EventKind, Received, Sink};
+use crate::manifest::Service;
 use crate::store::STATE_DIR;
 
 /// The socket's path inside a service root.
@@ -60,12 +60,50 @@ pub fn listen(root: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Binds `svc`'s control socket and answers it until `shutdown`, handing requests to its
+/// engine through `commands`. The caller holds the root's lock. A socket that cannot be bound
+/// is a warning: watching still works, only other shells cannot reach this watch (they then
+/// fail on the root's lock, naming this process).
+pub fn start(
+    svc: &Service,
+    commands: mpsc::UnboundedSender<Command>,
+    sink: &Arc<Sink>,
+    shutdown: &CancellationToken,
+) {
+    match listen(&svc.root) {
+        Ok(listener) => {
+            tokio::spawn(serve(
+                listener,
+                svc.name.clone(),
+                commands,
+                sink.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => sink.now(
+            &svc.name,
+            EventKind::Warning {
+                message: format!(
+                    "no control socket at {} ({e}); `build` and `rollback` from other shells \
+                     cannot reach this watch",
+                    socket_path(&svc.root).display()
+                ),
+            },
+        ),
+    }
+}
+
+/// Removes the socket of a watch that has stopped.
+pub fn remove(root: &Path) {
+    let _ = std::fs::remove_file(socket_path(root));
+}
+
 /// Answers requests for `service` until `shutdown`, handing them to its engine as Commands.
 pub async fn serve(
     listener: UnixListener,
     service: String,
     commands: mpsc::UnboundedSender<Command>,
-    reporter: Arc<Reporter>,
+    sink: Arc<Sink>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -74,20 +112,20 @@ pub async fn serve(
             c = listener.accept() => c,
         };
         let Ok((stream, _)) = conn else { continue };
-        let (service, commands, reporter) = (service.clone(), commands.clone(), reporter.clone());
+        let (service, commands, sink) = (service.clone(), commands.clone(), sink.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, &service, &commands, &reporter, &shutdown).await;
+            let _ = answer(stream, &service, &commands, &sink, &shutdown).await;
         });
     }
-    // The engine removes the socket file once it has stopped.
+    // The CLI removes the socket file once the watch has stopped.
 }
 
 async fn answer(
     stream: UnixStream,
     service: &str,
     commands: &mpsc::UnboundedSender<Command>,
-    reporter: &Reporter,
+    sink: &Sink,
     shutdown: &CancellationToken,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -100,7 +138,7 @@ async fn answer(
             return write_line(&mut write, &Answer::Done { done }).await;
         }
     };
-    let mut events = reporter.subscribe();
+    let mut events = sink.subscribe();
     let (tx, mut rx) = oneshot::channel();
     let command = match request {
         Request::Build { force } => Command::Build {
@@ -133,9 +171,11 @@ async fn answer(
         tokio::select! {
             biased;
             e = events.recv() => match e {
-                Ok(e) if e.service == service => write_line(&mut write, &Answer::Event(e)).await?,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => return Ok(()),
+                Some(Received::Event(e)) if e.service == service => {
+                    write_line(&mut write, &Answer::Event(e)).await?;
+                }
+                Some(_) => {}
+                None => return Ok(()),
             },
             done = &mut rx => {
                 let done = done.unwrap_or_else(|_| Done::new(1, "the watch stopped"));

@@ -116,6 +116,18 @@ pub fn group_alive(pgid: i32) -> bool {
     killpg(Pid::from_raw(pgid), None).is_ok()
 }
 
+/// Sends `signal` to group `pgid` (and SIGCONT after SIGTERM, so that a stopped group can act
+/// on it); a group that is gone already is no error.
+pub fn signal_group(pgid: i32, signal: Signal) {
+    if pgid <= 1 {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(pgid), signal);
+    if signal == Signal::SIGTERM {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGCONT);
+    }
+}
+
 /// Sends SIGTERM to each group, waits up to `grace` for them to go, then SIGKILLs the rest.
 pub fn stop_groups(pgids: &[i32], grace: Duration) {
     for &g in pgids {

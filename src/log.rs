@@ -1,9 +1,9 @@
 //! Front ends that print events: plain, readable lines or NDJSON.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::Arc;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Sink};
 
 /// How events are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,16 +14,12 @@ pub enum Format {
     Quiet,
 }
 
-/// Prints events to stdout, one line each; shared by every service's task.
-pub struct Reporter {
+/// Prints events to stdout, one line each: a subscriber of the sink that the CLI starts.
+pub struct Printer {
     format: Format,
     color: bool,
     /// Prefix lines with the service name (several services in one run).
     prefix: bool,
-    /// Serialises whole lines from concurrent services.
-    out: Mutex<()>,
-    /// Every event is also sent here, for the TUI and control-socket clients.
-    tap: tokio::sync::broadcast::Sender<Event>,
 }
 
 const RESET: &str = "\x1b[0m";
@@ -31,25 +27,53 @@ const DIM: &str = "\x1b[2m";
 const RED: &str = "\x1b[31m";
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
-const CYAN: &str = "\x1b[36m";
+/// The colours services' names take in plain output, one each (by a hash of the name, so a
+/// service keeps its colour from run to run).
+const SERVICE_COLOURS: [&str; 6] = [
+    "\x1b[36m", "\x1b[35m", "\x1b[34m", "\x1b[96m", "\x1b[95m", "\x1b[94m",
+];
 
-impl Reporter {
-    pub fn new(format: Format, prefix: bool) -> Reporter {
-        let color = format == Format::Plain
-            && std::io::stdout().is_terminal()
-            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        Reporter {
+fn service_colour(name: &str) -> &'static str {
+    let h = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
+    SERVICE_COLOURS[(h % SERVICE_COLOURS.len() as u64) as usize]
+}
+
+/// Whether colour goes to the terminal: stdout is one and `NO_COLOR` is not set.
+pub fn colour_terminal() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// An attached printer; [`Printing::finish`] ends the sink's subscriptions once all is said.
+pub struct Printing {
+    sink: Arc<Sink>,
+}
+
+impl Printing {
+    /// Closes the sink: every event emitted before has been printed (printing is synchronous)
+    /// and the other subscribers end after reading theirs.
+    pub async fn finish(self) {
+        self.sink.close();
+    }
+}
+
+impl Printer {
+    pub fn new(format: Format, prefix: bool) -> Printer {
+        let color = format == Format::Plain && colour_terminal();
+        Printer {
             format,
             color,
             prefix,
-            out: Mutex::new(()),
-            tap: tokio::sync::broadcast::channel(4096).0,
         }
     }
 
-    /// Events from now on, as they are emitted.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.tap.subscribe()
+    /// Prints every event `sink` receives from now on, as it is emitted; nothing with
+    /// [`Format::Quiet`]. Nothing is dropped: a slow stdout slows the emitter, as a terminal
+    /// would any program.
+    pub fn spawn(self, sink: &Arc<Sink>) -> Printing {
+        if self.format != Format::Quiet {
+            sink.attach(move |e| self.print(e));
+        }
+        Printing { sink: sink.clone() }
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
@@ -60,26 +84,17 @@ impl Reporter {
         }
     }
 
-    /// Prints one event and hands it to subscribers.
-    pub fn emit(&self, e: &Event) {
-        if self.tap.receiver_count() > 0 {
-            let _ = self.tap.send(e.clone());
-        }
+    fn print(&self, e: &Event) {
         let line = match self.format {
-            Format::Quiet => return,
-            Format::Json => match serde_json::to_string(e) {
-                Ok(l) => l,
-                Err(_) => return,
-            },
-            Format::Plain => match self.plain(e) {
-                Some(l) => l,
-                None => return,
-            },
+            Format::Quiet => None,
+            Format::Json => serde_json::to_string(e).ok(),
+            Format::Plain => self.plain(e),
         };
-        let _guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut line) = line else { return };
+        line.push('\n');
         let mut out = std::io::stdout().lock();
         // A closed stdout (a pipe to `head`) is a normal end, not worth a panic.
-        let _ = writeln!(out, "{line}");
+        let _ = out.write_all(line.as_bytes());
         let _ = out.flush();
     }
 
@@ -88,25 +103,44 @@ impl Reporter {
         if let EventKind::Output { line, source } = &e.kind {
             // An instance's output is always marked, so that it is not taken for pmesh-dev's.
             return Some(if source == "run" {
-                format!("{} {line}", self.paint(DIM, &format!("{} >", e.service)))
+                format!(
+                    "{} {line}",
+                    self.paint(service_colour(&e.service), &format!("{} >", e.service))
+                )
             } else if self.prefix {
-                format!("{} {line}", self.paint(DIM, &format!("{} |", e.service)))
+                format!(
+                    "{} {line}",
+                    self.paint(service_colour(&e.service), &format!("{} |", e.service))
+                )
             } else {
                 line.clone()
             });
         }
         let time = e.ts.get(11..19).unwrap_or("");
-        let head = format!("{} {}", self.paint(DIM, time), self.paint(CYAN, &e.service));
+        let head = format!(
+            "{} {}",
+            self.paint(DIM, time),
+            self.paint(service_colour(&e.service), &e.service)
+        );
         let body = match &e.kind {
             EventKind::Watching {
                 files,
                 dirs,
                 mode,
                 startup_ms,
-            } => format!(
-                "watching {files} files in {dirs} directories ({mode}, ready in {})",
-                human_ms(*startup_ms)
-            ),
+                url,
+            } => {
+                let mut s = format!(
+                    "watching {} in {} ({mode}, ready in {})",
+                    plural(*files, "file"),
+                    plural(*dirs, "directory"),
+                    human_ms(*startup_ms)
+                );
+                if let Some(url) = url {
+                    s.push_str(&format!("; open {url}"));
+                }
+                s
+            }
             EventKind::Rescan { reason } => format!("looking at the whole tree again: {reason}"),
             EventKind::LoopDetected { paths, patterns } => self.paint(
                 RED,
@@ -158,13 +192,47 @@ impl Reporter {
                     error.as_deref().unwrap_or("unknown error")
                 ),
             ),
-            EventKind::Live { id, archive, port } => self.paint(
+            EventKind::Live {
+                id,
+                archive,
+                port,
+                url,
+            } => self.paint(
                 GREEN,
-                &format!("live: {} from {archive} on port {port}", short(id)),
+                &match url {
+                    Some(url) => format!(
+                        "{} -> {url}  live: {} from {archive} (instance on port {port})",
+                        e.service,
+                        short(id)
+                    ),
+                    None => format!("live: {} from {archive} on port {port}", short(id)),
+                },
             ),
-            EventKind::Unhealthy { id, reason, .. } => self.paint(
+            EventKind::Unhealthy {
+                id,
+                reason,
+                back,
+                retry_in_ms,
+                ..
+            } => self.paint(
                 RED,
-                &format!("build {} is unhealthy, .run went back: {reason}", short(id)),
+                &match (back, retry_in_ms) {
+                    (Some(back), _) => format!(
+                        "build {} is unhealthy, .run went back to {back}: {reason}",
+                        short(id)
+                    ),
+                    (None, Some(ms)) => format!(
+                        "build {} is unhealthy and there is no earlier build to go back to; \
+                         starting it again in {}: {reason}",
+                        short(id),
+                        human_ms(*ms)
+                    ),
+                    (None, None) => format!(
+                        "build {} is unhealthy and there is no earlier build to go back to: \
+                         {reason}",
+                        short(id)
+                    ),
+                },
             ),
             EventKind::Crashed {
                 id,
@@ -229,6 +297,15 @@ fn human_bytes(n: u64) -> String {
         1000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
         1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
         _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+/// `1 file`, `2 files`, `1 directory`, `3 directories`.
+fn plural(n: usize, one: &str) -> String {
+    match (n, one.strip_suffix('y')) {
+        (1, _) => format!("1 {one}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        (_, None) => format!("{n} {one}s"),
     }
 }
 

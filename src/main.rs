@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Watch { .. } | Command::Run { .. }) {
         limit_heap_arenas();
+        pmesh_dev::proxy::raise_fd_limit();
     }
     match cli::run(cli) {
         Ok(code) => ExitCode::from(code),

@@ -63,10 +63,14 @@ pub struct Service {
     /// The directory whose ignore files apply first: the manifest's directory when the root is
     /// inside it, else the root itself.
     pub ignore_root: PathBuf,
+    /// Installs the service's dependencies before the build steps, when its inputs changed.
+    pub install: Option<Install>,
     /// Build steps, each run with `sh -c` in `root`.
     pub build: Vec<String>,
     /// The run command, run with `sh -c` in `root`.
     pub run: Option<String>,
+    /// Or: a directory of the build that pmesh-dev serves itself.
+    pub static_files: Option<StaticFiles>,
     /// Extra environment for build steps and the run command.
     pub env: BTreeMap<String, String>,
     /// Where the proxy listens.
@@ -86,6 +90,51 @@ pub struct Service {
     /// filesystems).
     pub poll: Option<Duration>,
     pub protocol: Protocol,
+}
+
+impl Service {
+    /// Whether `watch` and `run` start instances of it: a `run` command or `static` files.
+    pub fn serves(&self) -> bool {
+        self.run.is_some() || self.static_files.is_some()
+    }
+}
+
+/// The `install` step: `run` with `sh -c` in the root before the build steps, only when the
+/// content of `inputs` (paths relative to the root) changed since it last succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    pub run: String,
+    pub inputs: Vec<String>,
+}
+
+/// A service whose build is a directory of files that pmesh-dev serves itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticFiles {
+    /// The directory inside the build (`.` for the whole build), relative, no `..`.
+    pub dir: String,
+    /// Paths that match no file answer with the directory's `index.html` (a single-page app).
+    pub spa: bool,
+}
+
+/// The files an install command depends on, by the tool it runs: its manifest and lockfiles.
+pub fn default_install_inputs(command: &str) -> Option<Vec<String>> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let tool = words.iter().find(|w| !w.contains('=')).copied()?;
+    let tool = tool.rsplit('/').next().unwrap_or(tool);
+    let list: &[&str] = match tool {
+        "npm" => &["package.json", "package-lock.json", "npm-shrinkwrap.json"],
+        "pnpm" => &["package.json", "pnpm-lock.yaml"],
+        "yarn" => &["package.json", "yarn.lock"],
+        "bun" => &["package.json", "bun.lock", "bun.lockb"],
+        "uv" | "poetry" | "pdm" => &["pyproject.toml", "uv.lock", "poetry.lock", "pdm.lock"],
+        "pip" | "pip3" | "python" | "python3" => &["requirements.txt", "pyproject.toml"],
+        "go" => &["go.mod", "go.sum"],
+        "cargo" => &["Cargo.toml", "Cargo.lock"],
+        "bundle" => &["Gemfile", "Gemfile.lock"],
+        "composer" => &["composer.json", "composer.lock"],
+        _ => return None,
+    };
+    Some(list.iter().map(|s| (*s).to_owned()).collect())
 }
 
 /// What the proxy speaks.
@@ -143,8 +192,11 @@ pub enum ManifestError {
 
 const SERVICE_KEYS: &[&str] = &[
     "root",
+    "install",
     "build",
     "run",
+    "static",
+    "spa",
     "env",
     "listen",
     "health",
@@ -233,12 +285,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[serde(deny_unknown_fields)]
 struct RawService {
     root: Option<Spanned<String>>,
+    install: Option<Spanned<RawInstall>>,
     #[serde(default)]
     build: Option<Spanned<Steps>>,
     run: Option<Spanned<String>>,
+    #[serde(rename = "static")]
+    static_dir: Option<Spanned<String>>,
+    spa: Option<Spanned<bool>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
-    listen: Option<Listen>,
+    listen: Option<Spanned<Listen>>,
     health: Option<Health>,
     ready_timeout: Option<Dur>,
     stop_timeout: Option<Dur>,
@@ -248,6 +304,17 @@ struct RawService {
     debounce: Option<Dur>,
     poll: Option<Poll>,
     protocol: Option<Protocol>,
+}
+
+/// `install`: a command, or `{ run = "...", inputs = [...] }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawInstall {
+    Command(String),
+    Table {
+        run: String,
+        inputs: Option<Vec<String>>,
+    },
 }
 
 /// `poll`: `true` (every second), `false`, or an interval like `"500ms"`.
@@ -352,6 +419,21 @@ impl<'de> Deserialize<'de> for Dur {
 
 /// `listen`: a port (loopback) or `"ADDR:PORT"`.
 struct Listen(SocketAddr);
+
+/// Whether two listening addresses can clash: the same one, or either unspecified.
+fn overlaps(a: IpAddr, b: IpAddr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+/// A relative path that stays inside the directory it is relative to.
+fn is_relative_inside(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && path.is_relative()
+        && path
+            .components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir))
+}
 
 fn port(n: i64) -> Result<u16, String> {
     match u16::try_from(n) {
@@ -538,6 +620,7 @@ impl Manifest {
                 ));
             }
             let build = build.map(|(_, s)| s).unwrap_or_default();
+            let run_span = raw.run.as_ref().map(Spanned::span);
             let run = match raw.run {
                 Some(r) if r.get_ref().trim().is_empty() => {
                     return Err(located(
@@ -548,7 +631,79 @@ impl Manifest {
                 Some(r) => Some(r.into_inner()),
                 None => None,
             };
-            if build.is_empty() && run.is_none() {
+            let install = match raw.install {
+                None => None,
+                Some(i) => {
+                    let span = i.span();
+                    let (run, inputs) = match i.into_inner() {
+                        RawInstall::Command(run) => (run, None),
+                        RawInstall::Table { run, inputs } => (run, inputs),
+                    };
+                    if run.trim().is_empty() {
+                        return Err(located(
+                            span,
+                            &format!("service `{name}`: `install` is empty"),
+                        ));
+                    }
+                    let Some(inputs) = inputs.or_else(|| default_install_inputs(&run)) else {
+                        return Err(located(
+                            span,
+                            &format!(
+                                "service `{name}`: which files does `{run}` depend on? Write \
+                                 install = {{ run = \"{run}\", inputs = [\"...\"] }} (its \
+                                 lockfile, say): it runs again only when they change"
+                            ),
+                        ));
+                    };
+                    if let Some(bad) = inputs.iter().find(|p| !is_relative_inside(p)) {
+                        return Err(located(
+                            span,
+                            &format!(
+                                "service `{name}`: install input `{bad}` must be a path inside the root"
+                            ),
+                        ));
+                    }
+                    Some(Install { run, inputs })
+                }
+            };
+            let static_files = match raw.static_dir {
+                None => None,
+                Some(d) => {
+                    let span = d.span();
+                    let dir = d.into_inner();
+                    if let Some(r) = run_span {
+                        return Err(located(
+                            r,
+                            &format!(
+                                "service `{name}`: `run` and `static` exclude each other: \
+                                 pmesh-dev serves `static` itself"
+                            ),
+                        ));
+                    }
+                    if !is_relative_inside(&dir) {
+                        return Err(located(
+                            span,
+                            &format!(
+                                "service `{name}`: `static` is a directory inside the build, \
+                                 like \"dist\" (or \".\")"
+                            ),
+                        ));
+                    }
+                    Some(StaticFiles {
+                        dir,
+                        spa: raw.spa.as_ref().is_some_and(|s| *s.get_ref()),
+                    })
+                }
+            };
+            if static_files.is_none()
+                && let Some(spa) = &raw.spa
+            {
+                return Err(located(
+                    spa.span(),
+                    &format!("service `{name}`: `spa` needs `static` (the directory served)"),
+                ));
+            }
+            if build.is_empty() && run.is_none() && static_files.is_none() {
                 return Err(located(
                     raw_span,
                     &format!("service `{name}` has neither `build` nor `run`"),
@@ -587,6 +742,21 @@ impl Manifest {
                     ),
                 ));
             }
+            let listen = raw.listen.map(|l| (l.get_ref().0, l.span()));
+            if let Some((addr, span)) = &listen
+                && let Some(other) = services.iter().find(|s: &&Service| {
+                    s.listen
+                        .is_some_and(|o| o.port() == addr.port() && overlaps(o.ip(), addr.ip()))
+                })
+            {
+                return Err(located(
+                    span.clone(),
+                    &format!(
+                        "services `{}` and `{name}` both listen on {addr}: give each its own port",
+                        other.name
+                    ),
+                ));
+            }
             let ignore_root = if root.starts_with(&dir) {
                 dir.clone()
             } else {
@@ -596,10 +766,12 @@ impl Manifest {
                 name,
                 ignore_root,
                 root,
+                install,
                 build,
                 run,
+                static_files,
                 env,
-                listen: raw.listen.map(|l| l.0),
+                listen: listen.map(|(a, _)| a),
                 health: raw.health.unwrap_or(Health::Tcp),
                 ready_timeout: raw.ready_timeout.map_or(Duration::from_secs(30), |d| d.0),
                 stop_timeout: raw.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
@@ -644,11 +816,22 @@ impl Manifest {
             })
     }
 
-    /// The one service, or `name`'s; an error that lists them when there are several.
+    /// The service whose root holds the current directory (the innermost one).
+    pub fn here(&self) -> Option<&Service> {
+        let cwd = std::env::current_dir().ok()?;
+        let cwd = cwd.canonicalize().unwrap_or(cwd);
+        (self.services.iter())
+            .filter(|s| cwd.starts_with(&s.root))
+            .max_by_key(|s| s.root.components().count())
+    }
+
+    /// The one service, or `name`'s, or with several the one whose root holds the current
+    /// directory; an error that lists them otherwise.
     pub fn one(&self, name: Option<&str>) -> Result<&Service, ManifestError> {
         match (name, self.services.as_slice()) {
             (Some(n), _) => self.service(n),
             (None, [only]) => Ok(only),
+            (None, _) if let Some(here) = self.here() => Ok(here),
             (None, all) => Err(ManifestError::Invalid(format!(
                 "{} has {} services: name one of {}",
                 self.path.display(),

@@ -1,5 +1,6 @@
 //! One service's trip through the builder: hash, compare with `.run`, reuse an archive or
-//! build, archive, flip `.run`, prune. Shared by `build` and (later) the watch engine.
+//! build, archive, then hand the archive to the deployer (which flips `.run` and prunes).
+//! Shared by the one-shot `build` and the watch engine.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -10,22 +11,30 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::builder::{self, BuildFailure, BuildLog};
-use crate::event::{Event, EventKind};
+use crate::deploy::{Deployer, KEEP_ORPHAN_LOGS, Mode, PublishError, Ticket, Why};
+use crate::event::{EventKind, Sink};
 use crate::hash::{self, BuildId, CacheUse, HashSpec};
-use crate::log::Reporter;
 use crate::manifest::Service;
 use crate::store::{Archive, Status, Store};
 
-/// Unreferenced logs (of failed or cancelled builds) kept per service.
-const KEEP_ORPHAN_LOGS: usize = 20;
-
 /// How a build request ended. Errors of the file system are `Err`; a failed build is not.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     UpToDate(BuildId),
-    Reused { id: BuildId, archive: String },
-    Built { id: BuildId, archive: String },
-    Failed { id: BuildId, error: String },
+    /// `.run` points to the archive; the ticket resolves once it serves (or was undone).
+    Reused {
+        id: BuildId,
+        archive: String,
+        ticket: Ticket,
+    },
+    Built {
+        id: BuildId,
+        archive: String,
+        ticket: Ticket,
+    },
+    Failed {
+        id: BuildId,
+        error: String,
+    },
     Cancelled,
 }
 
@@ -35,13 +44,44 @@ pub async fn build(
     svc: Arc<Service>,
     manifest_path: PathBuf,
     force: bool,
-    reporter: Arc<Reporter>,
+    sink: Arc<Sink>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev build")?;
     store.recover()?;
+    let (deployer, _, tasks) = Deployer::start(
+        svc.clone(),
+        store.clone(),
+        sink.clone(),
+        cancel.child_token(),
+        Mode::Flip,
+    )
+    .await?;
+    let outcome = build_tree(
+        &svc,
+        manifest_path,
+        force,
+        &store,
+        &deployer,
+        &sink,
+        &cancel,
+    )
+    .await;
+    drop(deployer);
+    tasks.stopped().await;
+    outcome
+}
 
+async fn build_tree(
+    svc: &Arc<Service>,
+    manifest_path: PathBuf,
+    force: bool,
+    store: &Store,
+    deployer: &Deployer,
+    sink: &Arc<Sink>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Outcome> {
     let tree = {
         let svc = svc.clone();
         tokio::task::spawn_blocking(move || {
@@ -51,7 +91,7 @@ pub async fn build(
         .context("the hashing task failed")??
     };
     for message in tree.warnings {
-        reporter.emit(&Event::now(&svc.name, EventKind::Warning { message }));
+        sink.now(&svc.name, EventKind::Warning { message });
     }
     if cancel.is_cancelled() {
         return Ok(Outcome::Cancelled);
@@ -60,10 +100,9 @@ pub async fn build(
         id: tree.id,
         changed: tree.changed,
         force,
-        in_use: Vec::new(),
         steps: StepsRunning::default(),
     };
-    build_id(&svc, &store, job, &reporter, &cancel).await
+    build_id(svc, store, deployer, job, sink, cancel).await
 }
 
 /// One request to make `.run` hold a build.
@@ -74,8 +113,6 @@ pub struct Job {
     pub changed: Vec<String>,
     /// Build even if `.run` already holds `id`, and never reuse an archive.
     pub force: bool,
-    /// Archives that running instances use: retention leaves them alone.
-    pub in_use: Vec<String>,
     pub steps: StepsRunning,
 }
 
@@ -94,49 +131,62 @@ impl StepsRunning {
 }
 
 /// Makes `.run` hold build `id` of `svc`: nothing if it already does (unless `force`), a
-/// re-point if a good archive has it, else a build. The caller holds the store's lock.
+/// re-point if a good archive has it, else a build. The caller holds the store's lock; the
+/// deployer re-points `.run`.
 pub async fn build_id(
     svc: &Service,
     store: &Store,
+    deployer: &Deployer,
     job: Job,
-    reporter: &Arc<Reporter>,
+    sink: &Arc<Sink>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let Job {
         id,
         changed,
         force,
-        in_use,
         steps,
     } = job;
-    let emit = |kind| reporter.emit(&Event::now(&svc.name, kind));
+    let emit = |kind| sink.now(&svc.name, kind);
     if !force {
-        if store.live_id() == Some(id) {
+        let run = deployer.run();
+        if run.id == Some(id) {
             emit(EventKind::UpToDate {
                 id: id.to_string(),
-                archive: store.live(),
+                archive: run.archive,
             });
             return Ok(Outcome::UpToDate(id));
         }
         if let Some(a) = store.reusable(id)? {
-            store.point_run(&a.name)?;
+            let Some(ticket) = publish(deployer, &a.name, id, cancel).await? else {
+                emit(EventKind::Cancelled { id: id.to_string() });
+                return Ok(Outcome::Cancelled);
+            };
             emit(EventKind::Reused {
                 id: id.to_string(),
                 archive: a.name.clone(),
             });
-            prune(store, svc, &in_use, reporter)?;
             return Ok(Outcome::Reused {
                 id,
                 archive: a.name,
+                ticket,
             });
         }
     }
 
     // The team's cache (issue 14): a build of this id made elsewhere, fetched instead of run.
     // A fetched build is a new archive, like a built one; the `fetched` event tells them apart.
-    if !force && let Some(archive) = crate::cache::fetch(svc, store, id, reporter, cancel).await {
-        prune(store, svc, &in_use, reporter)?;
-        return Ok(Outcome::Built { id, archive });
+    if !force && let Some(f) = crate::cache::fetch(svc, store, id, sink, cancel).await {
+        let Some(ticket) = publish(deployer, &f.archive, id, cancel).await? else {
+            emit(EventKind::Cancelled { id: id.to_string() });
+            return Ok(Outcome::Cancelled);
+        };
+        emit(f.event(id));
+        return Ok(Outcome::Built {
+            id,
+            archive: f.archive,
+            ticket,
+        });
     }
 
     emit(EventKind::BuildStarted {
@@ -148,14 +198,24 @@ pub async fn build_id(
     let (log_path, log_name) = store.new_log()?;
     let mut log = BuildLog::new(File::create(&log_path).ok());
     steps.set(true);
-    let result = builder::run_steps(svc, &build_dir, id, reporter, &mut log, cancel).await;
+    let record = store.state_dir("")?.join("install.json");
+    let result = match builder::install(svc, &record, &build_dir, id, sink, &mut log, cancel).await
+    {
+        Ok(()) => builder::run_steps(svc, &build_dir, id, sink, &mut log, cancel).await,
+        Err(e) => Err(e),
+    };
     steps.set(false);
     let duration = started.elapsed();
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok(()) => {
             let archive = store.commit(id, duration, Some(log_name))?;
-            store.point_run(&archive.name)?;
+            // Cancelled after its steps (by a rollback): archived, for a later reuse, but not
+            // put live.
+            let Some(ticket) = publish(deployer, &archive.name, id, cancel).await? else {
+                emit(EventKind::Cancelled { id: id.to_string() });
+                return Ok(Outcome::Cancelled);
+            };
             emit(EventKind::BuildFinished {
                 id: id.to_string(),
                 ok: true,
@@ -163,10 +223,10 @@ pub async fn build_id(
                 archive: Some(archive.name.clone()),
                 error: None,
             });
-            prune(store, svc, &in_use, reporter)?;
             Ok(Outcome::Built {
                 id,
                 archive: archive.name,
+                ticket,
             })
         }
         Err(BuildFailure::Cancelled) => {
@@ -192,18 +252,21 @@ pub async fn build_id(
     }
 }
 
-fn prune(
-    store: &Store,
-    svc: &Service,
-    in_use: &[String],
-    reporter: &Reporter,
-) -> anyhow::Result<()> {
-    let removed = store.retain(svc.keep, in_use)?;
-    if !removed.is_empty() {
-        reporter.emit(&Event::now(&svc.name, EventKind::Pruned { removed }));
+/// Has the deployer point `.run` at `archive`; `None` if `cancel` fired first.
+async fn publish(
+    deployer: &Deployer,
+    archive: &str,
+    id: BuildId,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<Ticket>> {
+    match deployer
+        .publish(archive, id, Why::Build, Some(cancel))
+        .await
+    {
+        Ok(t) => Ok(Some(t)),
+        Err(PublishError::Cancelled) => Ok(None),
+        Err(PublishError::Failed(e)) => Err(anyhow::anyhow!(e)),
     }
-    store.prune_logs(KEEP_ORPHAN_LOGS)?;
-    Ok(())
 }
 
 /// Why a rollback did not happen.
@@ -217,6 +280,14 @@ pub enum RollbackError {
         name: String,
         root: String,
     },
+    #[error(
+        "service `{service}`: `{name}` is the start of several builds' ids ({ids}): give more of it"
+    )]
+    Ambiguous {
+        service: String,
+        name: String,
+        ids: String,
+    },
     #[error("service `{service}`: {name} has no valid .buildid, so it is not a complete build")]
     Incomplete { service: String, name: String },
     #[error("service `{0}`: there is no older good build to roll back to")]
@@ -229,7 +300,9 @@ impl RollbackError {
     /// The exit code it ends a command with: 2 for a build name that is no usable archive.
     pub fn code(&self) -> u8 {
         match self {
-            RollbackError::NoSuchBuild { .. } | RollbackError::Incomplete { .. } => 2,
+            RollbackError::NoSuchBuild { .. }
+            | RollbackError::Ambiguous { .. }
+            | RollbackError::Incomplete { .. } => 2,
             _ => 1,
         }
     }
@@ -243,15 +316,7 @@ pub fn rollback_target(
     target: Option<&str>,
 ) -> Result<(Archive, BuildId), RollbackError> {
     let archive = match (target, store.live()) {
-        (Some(name), _) => Some(
-            store
-                .archive(name)
-                .ok_or_else(|| RollbackError::NoSuchBuild {
-                    service: svc.name.clone(),
-                    name: name.to_owned(),
-                    root: svc.root.display().to_string(),
-                })?,
-        ),
+        (Some(name), _) => Some(find_build(svc, store, name)?),
         (None, Some(live)) => store.previous_good(&live)?,
         (None, None) => store
             .archives()?
@@ -268,26 +333,58 @@ pub fn rollback_target(
     }
 }
 
+/// The archive `name` stands for: an archive's name, or a build id or a unique prefix of one
+/// (the short ids shown everywhere), which names its newest good archive.
+fn find_build(svc: &Service, store: &Store, name: &str) -> Result<Archive, RollbackError> {
+    if let Some(a) = store.archive(name) {
+        return Ok(a);
+    }
+    let none = || RollbackError::NoSuchBuild {
+        service: svc.name.clone(),
+        name: name.to_owned(),
+        root: svc.root.display().to_string(),
+    };
+    let prefix = name.to_ascii_lowercase();
+    if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(none());
+    }
+    let archives = store.archives()?;
+    let matching: Vec<&Archive> = (archives.iter())
+        .filter(|a| a.id.is_some_and(|id| id.to_string().starts_with(&prefix)))
+        .collect();
+    let mut ids: Vec<BuildId> = matching.iter().filter_map(|a| a.id).collect();
+    ids.sort_by_key(BuildId::to_string);
+    ids.dedup();
+    match ids.as_slice() {
+        [] => Err(none()),
+        [_] => {
+            let good = matching.iter().find(|a| a.status() == Status::Ok);
+            Ok((*good.unwrap_or(&matching[0])).clone())
+        }
+        _ => Err(RollbackError::Ambiguous {
+            service: svc.name.clone(),
+            name: name.to_owned(),
+            ids: ids.iter().map(|i| i.short()).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
 /// Re-points `.run` at archive `target`, or by default at the newest good archive older than
 /// the live one. Returns the archive now live.
-pub fn rollback(
-    svc: &Service,
-    target: Option<&str>,
-    reporter: &Reporter,
-) -> Result<String, RollbackError> {
+pub fn rollback(svc: &Service, target: Option<&str>, sink: &Sink) -> Result<String, RollbackError> {
     let store = Store::new(&svc.root);
     let _lock = store.lock("pmesh-dev rollback")?;
     store.recover()?;
     let live = store.live();
     let (archive, _) = rollback_target(svc, &store, target)?;
     store.point_run(&archive.name)?;
-    reporter.emit(&Event::now(
+    sink.now(
         &svc.name,
         EventKind::Rollback {
             from: live,
             to: archive.name.clone(),
             id: archive.id.map(|i| i.to_string()),
         },
-    ));
+    );
     Ok(archive.name)
 }

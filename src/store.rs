@@ -432,26 +432,57 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the oldest archives beyond `keep`, unhealthy ones first, never the live one nor
-    /// one in `in_use`. Returns the names removed, oldest first.
+    /// Deletes old archives: a build archived again (a forced rebuild of the same id) replaces
+    /// its older copies, and beyond `keep` distinct builds the oldest go, unhealthy ones first.
+    /// Never the live one nor one in `in_use` (an instance runs from it). Returns the names
+    /// removed, oldest first.
     pub fn retain(&self, keep: usize, in_use: &[String]) -> Result<Vec<String>, StoreError> {
         let archives = self.archives()?;
-        let excess = archives.len().saturating_sub(keep.max(1));
-        if excess == 0 {
-            return Ok(Vec::new());
-        }
         let live = self.live();
-        let mut victims: Vec<&Archive> = archives
-            .iter()
+        let protected =
+            |a: &Archive| live.as_deref() == Some(a.name.as_str()) || in_use.contains(&a.name);
+        // Of the copies of one build, the one kept stands for it: a protected copy if there
+        // is one, else the newest good one, else the newest.
+        let mut keeper: Vec<(BuildId, usize)> = Vec::new();
+        for (i, a) in archives.iter().enumerate() {
+            let Some(id) = a.id else { continue };
+            match keeper.iter_mut().find(|(k, _)| *k == id) {
+                None => keeper.push((id, i)),
+                Some((_, k)) => {
+                    let current = &archives[*k];
+                    let better = (protected(a) && !protected(current))
+                        || (!protected(current)
+                            && current.status() != Status::Ok
+                            && a.status() == Status::Ok);
+                    if better {
+                        *k = i;
+                    }
+                }
+            }
+        }
+        let is_copy = |i: usize, a: &Archive| {
+            a.id.is_some_and(|id| keeper.iter().any(|(k, at)| *k == id && *at != i))
+        };
+        let mut doomed: Vec<usize> = (0..archives.len())
+            .filter(|&i| is_copy(i, &archives[i]) && !protected(&archives[i]))
+            .collect();
+        // Copies still in use count once, as their build.
+        let builds = keeper.len() + archives.iter().filter(|a| a.id.is_none()).count();
+        let excess = builds.saturating_sub(keep.max(1));
+        let mut victims: Vec<usize> = (0..archives.len())
             .rev()
-            .filter(|a| live.as_deref() != Some(a.name.as_str()) && !in_use.contains(&a.name))
+            .filter(|&i| !is_copy(i, &archives[i]) && !protected(&archives[i]))
             .collect();
         // Stable: unhealthy archives go before good ones, each group oldest first.
-        victims.sort_by_key(|a| a.status() == Status::Ok);
+        victims.sort_by_key(|&i| archives[i].status() == Status::Ok);
+        doomed.extend(victims.into_iter().take(excess));
+        // Oldest first.
+        doomed.sort_unstable_by(|a, b| b.cmp(a));
         let mut removed = Vec::new();
-        for a in victims.into_iter().take(excess) {
-            self.remove_archive(&a.name)?;
-            removed.push(a.name.clone());
+        for i in doomed {
+            let name = &archives[i].name;
+            self.remove_archive(name)?;
+            removed.push(name.clone());
         }
         Ok(removed)
     }

@@ -20,10 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::builder::{describe_status, each_line, shell};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Sink};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
-use crate::log::Reporter;
 use crate::manifest::{Health, Service};
 use crate::store::{STATE_DIR, Store};
 
@@ -42,10 +41,21 @@ pub const TAIL: usize = 10;
 #[derive(Debug, Default)]
 pub struct RuntimeLog {
     lines: VecDeque<String>,
+    /// Its first lines, kept even once they scroll out: where an error usually names the file
+    /// and line (a Node `SyntaxError`, a Python traceback's end is in the tail).
+    head: Vec<String>,
+    /// Every line pushed.
+    count: usize,
+    /// The instance's output has ended (every writer closed the pipe).
+    ended: bool,
 }
 
 impl RuntimeLog {
     fn push(&mut self, line: String) {
+        self.count += 1;
+        if self.head.len() < TAIL {
+            self.head.push(line.clone());
+        }
         if self.lines.len() == LOG_LINES {
             self.lines.pop_front();
         }
@@ -57,6 +67,21 @@ impl RuntimeLog {
         let skip = self.lines.len().saturating_sub(n);
         self.lines.iter().skip(skip).cloned().collect()
     }
+
+    /// The first and the last `n` lines (all of them when there are at most `2n`), with a
+    /// line saying how many were left out between.
+    pub fn head_and_tail(&self, n: usize) -> Vec<String> {
+        if self.count <= 2 * n {
+            return self.tail(2 * n);
+        }
+        let mut out: Vec<String> = self.head.iter().take(n).cloned().collect();
+        out.push(format!(
+            "… ({} lines) …",
+            self.count - n - n.min(self.lines.len())
+        ));
+        out.extend(self.tail(n));
+        out
+    }
 }
 
 /// A running instance of a service.
@@ -65,11 +90,22 @@ pub struct Instance {
     /// The archive it runs from.
     pub archive: String,
     pub port: u16,
-    pgid: i32,
+    /// What runs: a process group of the run command, or pmesh-dev's own file server.
+    runs: Runs,
     /// Becomes `Some` when the instance's main process exits.
     exit: watch::Receiver<Option<ExitStatus>>,
     pub log: Arc<Mutex<RuntimeLog>>,
-    records: Records,
+}
+
+enum Runs {
+    Group {
+        pgid: i32,
+        records: Records,
+    },
+    /// The file server task of a `static` service; cancelled to stop it.
+    Files {
+        stop: tokio_util::sync::CancellationToken,
+    },
 }
 
 /// Why an instance is not healthy.
@@ -111,8 +147,11 @@ impl Instance {
         store: &Store,
         archive: &str,
         id: BuildId,
-        reporter: &Arc<Reporter>,
+        reporter: &Arc<Sink>,
     ) -> anyhow::Result<Instance> {
+        if let Some(files) = &svc.static_files {
+            return Instance::serve_files(svc, store, archive, id, files);
+        }
         let run = svc
             .run
             .as_deref()
@@ -162,6 +201,7 @@ impl Instance {
                     ));
                     true
                 });
+                log.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
             });
         }
         let (exit_tx, exit) = watch::channel(None);
@@ -173,10 +213,53 @@ impl Instance {
             id,
             archive: archive.to_owned(),
             port,
-            pgid: pid,
+            runs: Runs::Group { pgid: pid, records },
             exit,
             log,
-            records,
+        })
+    }
+
+    /// A `static` service's instance: the build's directory served by pmesh-dev itself.
+    fn serve_files(
+        _svc: &Service,
+        store: &Store,
+        archive: &str,
+        id: BuildId,
+        files: &crate::manifest::StaticFiles,
+    ) -> anyhow::Result<Instance> {
+        let dir = store.root().join(archive).join(&files.dir);
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "the build has no directory `{}` to serve (`static` in the manifest): its steps \
+                 must write it into $PMESH_BUILD_DIR",
+                files.dir
+            );
+        }
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (exit_tx, exit) = watch::channel(None);
+        let log = Arc::new(Mutex::new(RuntimeLog::default()));
+        log.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
+            "serving {} (`{}` of {archive})",
+            dir.display(),
+            files.dir
+        ));
+        let (spa, task_stop) = (files.spa, stop.clone());
+        tokio::spawn(async move {
+            crate::files::serve(listener, dir, spa, task_stop).await;
+            // It ends only when stopped: there is no exit status to report.
+            drop(exit_tx);
+        });
+        Ok(Instance {
+            id,
+            archive: archive.to_owned(),
+            port,
+            runs: Runs::Files { stop },
+            exit,
+            log,
         })
     }
 
@@ -187,6 +270,11 @@ impl Instance {
     /// The last lines of its output.
     pub fn tail(&self, n: usize) -> Vec<String> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).tail(n)
+    }
+
+    /// Its first and last lines of output; see [`RuntimeLog::head_and_tail`].
+    pub fn head_and_tail(&self, n: usize) -> Vec<String> {
+        (self.log.lock().unwrap_or_else(|e| e.into_inner())).head_and_tail(n)
     }
 
     /// What it takes to watch the instance's health and exit from another task.
@@ -205,7 +293,13 @@ impl Instance {
 
     /// SIGTERM to the whole group, then SIGKILL after `grace` if anything is left.
     pub async fn stop(self, grace: Duration) -> Option<ExitStatus> {
-        let pgid = self.pgid;
+        let (pgid, records) = match &self.runs {
+            Runs::Group { pgid, records } => (*pgid, records.clone()),
+            Runs::Files { stop } => {
+                stop.cancel();
+                return None;
+            }
+        };
         tokio::task::spawn_blocking(move || guardian::stop_groups(&[pgid], grace))
             .await
             .ok();
@@ -216,7 +310,7 @@ impl Instance {
         if let Some(g) = Guardian::get() {
             g.forget(pgid);
         }
-        self.records.remove(pgid);
+        records.remove(pgid);
         status
     }
 }
@@ -277,11 +371,19 @@ impl Probe {
     }
 
     async fn exited_early(&self, status: ExitStatus) -> Unhealthy {
-        // Let the last lines it printed reach the log before quoting them.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Let the last lines it printed reach the log before quoting them: the pipe ends once
+        // the group's last writer is gone (a second at most: a child may keep it open).
+        let until = Instant::now() + Duration::from_secs(1);
+        while !self.log.lock().unwrap_or_else(|e| e.into_inner()).ended && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Unhealthy::Exited {
             status: describe_status(&status),
-            tail: self.tail(TAIL),
+            tail: self
+                .log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .head_and_tail(TAIL),
         }
     }
 }

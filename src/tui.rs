@@ -16,8 +16,7 @@ use ratatui::crossterm::{cursor, event, execute, terminal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Command, Event, EventKind};
-use crate::log::Reporter;
+use crate::event::{Command, EventKind, Received, Sink, Subscription};
 use crate::manifest::Service;
 use crate::store::Store;
 
@@ -76,6 +75,15 @@ fn builds_of(store: &Store, serving: Option<&str>) -> Vec<BuildRow> {
         .collect()
 }
 
+/// The id, archive and log lines of the build `.run` holds, when its log was kept.
+fn live_log(store: &Store) -> Option<(String, String, Vec<String>)> {
+    let archive = store.archive(&store.live()?)?;
+    let log = archive.record.as_ref()?.log.clone()?;
+    let text = std::fs::read_to_string(store.log_path(&log)).ok()?;
+    let id = archive.id?.to_string();
+    Some((id, archive.name, text.lines().map(str::to_owned).collect()))
+}
+
 /// The model's view of an engine event; `None` for those it does not show.
 fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
     Some(match kind.clone() {
@@ -97,7 +105,9 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
             error,
         },
         EventKind::Cancelled { id } => EngineEvent::Cancelled { id },
-        EventKind::Live { id, archive, port } => EngineEvent::Live {
+        EventKind::Live {
+            id, archive, port, ..
+        } => EngineEvent::Live {
             id,
             archive,
             port,
@@ -107,6 +117,7 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
             id,
             archive,
             reason,
+            ..
         } => EngineEvent::Unhealthy {
             id,
             archive,
@@ -123,12 +134,14 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
                 patterns.join(" ")
             ),
         },
-        EventKind::UpToDate { .. }
+        EventKind::UpToDate { id, .. } => EngineEvent::UpToDate { id },
+        EventKind::Reused { .. }
         | EventKind::Fetched { .. }
         | EventKind::Pushed { .. }
-        | EventKind::Reused { .. }
         | EventKind::Pruned { .. }
-        | EventKind::Rescan { .. } => return None,
+        | EventKind::Rescan { .. } => {
+            return None;
+        }
     })
 }
 
@@ -153,11 +166,11 @@ fn touches_builds(kind: &EventKind) -> bool {
 /// engine. Quitting cancels `shutdown`, which stops every build and instance.
 pub async fn run(
     services: Vec<Arc<Service>>,
-    reporter: Arc<Reporter>,
+    sink: &Sink,
     commands: BTreeMap<String, mpsc::UnboundedSender<Command>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut events = reporter.subscribe();
+    let mut events = sink.subscribe();
     enter()?;
     let result = event_loop(&services, &mut events, &commands, &shutdown).await;
     restore();
@@ -167,7 +180,7 @@ pub async fn run(
 
 async fn event_loop(
     services: &[Arc<Service>],
-    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    events: &mut Subscription,
     commands: &BTreeMap<String, mpsc::UnboundedSender<Command>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -198,7 +211,21 @@ async fn event_loop(
             height: size.height,
         });
     }
+    for svc in services {
+        if let Some(url) = crate::deploy::url_of(svc).filter(|_| svc.serves()) {
+            queue.push(Msg::Engine {
+                service: svc.name.clone(),
+                event: EngineEvent::Url { url },
+            });
+        }
+    }
     for (name, store) in &stores {
+        if let Some((id, archive, lines)) = live_log(store) {
+            queue.push(Msg::Engine {
+                service: name.clone(),
+                event: EngineEvent::LiveLog { id, archive, lines },
+            });
+        }
         queue.push(Msg::Builds {
             service: name.clone(),
             builds: builds_of(store, None),
@@ -269,7 +296,7 @@ async fn event_loop(
                 None => return Ok(()),
             },
             e = events.recv() => match e {
-                Ok(e) => {
+                Some(Received::Event(e)) => {
                     match &e.kind {
                         EventKind::Live { archive, .. } => {
                             serving.insert(e.service.clone(), archive.clone());
@@ -291,8 +318,9 @@ async fn event_loop(
                         });
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => return Ok(()),
+                // Only output lines are ever dropped; the screen says how many.
+                Some(Received::Dropped(lines)) => queue.push(Msg::Dropped { lines }),
+                None => return Ok(()),
             },
             _ = minute.tick() => queue.push(Msg::Now(now_secs())),
         }

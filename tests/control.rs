@@ -41,6 +41,14 @@ fn build_and_rollback_from_another_process_are_carried_out_by_the_watch() {
     let forced = w.next_build("app");
     assert_eq!(forced["id"], second["id"], "the same tree, built again");
     assert_ne!(forced["archive"], second["archive"]);
+    // The new archive replaces the one with its id once that one's instance is gone.
+    let forced_archive = forced["archive"].as_str().expect("archive").to_owned();
+    assert!(
+        wait_for(10.0, || !root.join(&second_archive).exists()),
+        "the older copy of the same build is deleted: {:?}",
+        archives(&root)
+    );
+    let second_archive = forced_archive;
 
     // `rollback` (default: the previous good build) from a second process.
     let before = run_target(&root).expect("live");

@@ -496,7 +496,10 @@ fn several_services_need_a_name_where_one_is_expected() {
         "pmesh.toml",
         "[services.web]\nbuild = \"true\"\n[services.api]\nbuild = \"true\"\n",
     );
-    for args in [&["hash"][..], &["builds"], &["rollback"]] {
+    // `builds` lists them all instead.
+    let all = t.run(&["builds"]).ok().stdout();
+    assert!(all.contains("web:") && all.contains("api:"), "{all}");
+    for args in [&["hash"][..], &["rollback"]] {
         let err = t.run(args).expect_code(2).stderr();
         assert!(
             err.contains("web") && err.contains("api"),

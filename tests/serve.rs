@@ -480,3 +480,198 @@ fn protocol_tcp_forwards_raw_connections_to_the_live_instance() {
     );
     assert_eq!(w.interrupt(), Some(0));
 }
+
+/// CPU seconds (user + system) `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+    // SAFETY: sysconf only reads a system setting.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Sends a keep-alive GET on `s` and reads its response: (status, body).
+fn get_on(s: &mut TcpStream, path: &str) -> (u16, String) {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            // The test server answers chunked; the proxy's own pages have a length.
+            let chunked_done = len.is_none() && body.ends_with("0\r\n\r\n");
+            if len.is_some_and(|n| body.len() >= n) || chunked_done {
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                return (status, body.to_owned());
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return (0, text),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn short_of_descriptors_the_newest_client_is_refused_and_the_others_served() {
+    use std::os::unix::process::CommandExt;
+    let t = Tmp::new();
+    let port = free_port();
+    test_service(&t, port, "");
+    // A limit as low as a crowded machine's: pmesh-dev cannot raise it (hard = soft).
+    let mut cmd = t.cmd(&["watch", "--json"]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 160,
+                rlim_max: 160,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut w = Watch::spawn_cmd(cmd);
+    wait_live(&mut w);
+
+    let mut kept = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(get_on(&mut kept, "/").0, 200);
+
+    // More idle clients than the limit allows: the last ones are refused at once.
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+                assert!(text.contains("too many connections"), "{text}");
+                refused += 1;
+            }
+            _ => idle.push(s),
+        }
+    }
+    assert!(
+        refused > 0 && !idle.is_empty(),
+        "refused {refused}, held {}",
+        idle.len()
+    );
+
+    // The accept loop does not spin while clients keep being refused.
+    let pid = w.child.id();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_seconds(pid) - before;
+    assert!(
+        spent < 0.3,
+        "pmesh-dev used {spent} s of CPU in 1 s while idle"
+    );
+
+    // The client connected before the crowd is still served, on a new upstream connection
+    // (the old one was idle for longer than the proxy keeps one).
+    assert_eq!(
+        get_on(&mut kept, "/").0,
+        200,
+        "the connected client was cut"
+    );
+
+    // Once the crowd leaves, new clients are served again: the listener lived.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _) = get(port, "/");
+    assert_eq!(status, 200);
+    w.quiet_for(0.2);
+    assert!(
+        w.seen.iter().any(|e| e["event"] == "warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused a client"))),
+        "no warning said so: {:#?}",
+        w.seen
+    );
+    assert_eq!(w.interrupt(), Some(0));
+}
+
+/// The soft limit on open files of process `pid`.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    line.split_whitespace()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_descriptor_limit_is_raised_for_the_proxy_and_not_for_build_steps_or_instances() {
+    use std::os::unix::process::CommandExt;
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    if hard.rlim_max <= 256 {
+        return; // Nothing to raise on this machine.
+    }
+    let t = Tmp::new();
+    let seen = t.join("child-limit");
+    one_service(
+        &t,
+        &[&format!("ulimit -n > '{}'", seen.display())],
+        &format!("listen = {}\nrun = \"sleep 30\"", free_port()),
+    );
+    let mut cmd = t.cmd(&["watch", "--json"]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 256;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut w = Watch::spawn_cmd(cmd);
+    w.next_build("app");
+    assert_eq!(soft_nofile(w.child.id()), hard.rlim_max);
+    let child = std::fs::read_to_string(&seen).expect("the build step wrote its limit");
+    assert_eq!(child.trim(), "256");
+    assert_eq!(w.interrupt(), Some(0));
+}

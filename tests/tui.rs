@@ -151,3 +151,62 @@ fn roll_back_from_the_tui_then_quit_restores_the_terminal() {
     );
     assert!(get(port).is_empty(), "the proxy is gone");
 }
+
+#[test]
+fn a_build_printing_a_flood_of_lines_still_leaves_the_screen_on_the_right_state() {
+    let t = Tmp::new();
+    let port = free_port();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/testsrv/server.js");
+    std::fs::create_dir_all(t.join("app")).expect("mkdir");
+    std::fs::copy(src, t.join("app/server.js")).expect("copy");
+    t.write("app/version.txt", "v1\n");
+    // Far more lines than any queue holds, as fast as `seq` prints them.
+    t.write(
+        "pmesh.toml",
+        &format!(
+            "[services.app]\nbuild = [\"seq 300000\", \"cp server.js version.txt \\\"$PMESH_BUILD_DIR/\\\"\"]\n\
+             run = \"exec node \\\"$PMESH_RUN_DIR/server.js\\\"\"\nlisten = {port}\n\
+             health = \"GET /healthz\"\n"
+        ),
+    );
+    let tmux = Tmux::new();
+    let script = format!(
+        "cd '{}' && '{}' watch; echo EXITED:$?; sleep 60",
+        t.path().display(),
+        bin()
+    );
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &script,
+    ]);
+    assert!(
+        wait_for(60.0, || get(port).contains("version v1")),
+        "v1 is served: {}",
+        tmux.screen()
+    );
+    let row = |screen: &str| {
+        screen
+            .lines()
+            .find(|l| l.contains("app") && (l.contains("live") || l.contains("building")))
+            .map(str::to_owned)
+    };
+    assert!(
+        wait_for(20.0, || row(&tmux.screen())
+            .is_some_and(|r| r.contains("live"))),
+        "the services row says live:\n{}",
+        tmux.screen()
+    );
+    tmux.keys("q");
+    assert!(
+        wait_for(30.0, || tmux.screen().contains("EXITED:0")),
+        "pmesh-dev quit with 0:\n{}",
+        tmux.screen()
+    );
+}

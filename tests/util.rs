@@ -241,10 +241,15 @@ impl Watch {
     /// Starts `pmesh-dev args` (which must print JSON events) in `t` with `env`.
     pub fn spawn(t: &Tmp, args: &[&str], env: &[(&str, &str)]) -> Watch {
         let mut cmd = t.cmd(args);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Watch::spawn_cmd(cmd)
+    }
+
+    /// Starts `cmd` (a `pmesh-dev` command that prints JSON events).
+    pub fn spawn_cmd(mut cmd: Command) -> Watch {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn pmesh-dev");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();

@@ -248,7 +248,7 @@ fn a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree() {
     t.write("app/v.txt", "fast 2\n");
     let cancelled = w
         .wait_for(15.0, |e| e["event"] == "cancelled")
-        .expect("the slow build is cancelled");
+        .unwrap_or_else(|| panic!("the slow build is cancelled: {:#?}", w.seen));
     assert_eq!(cancelled["id"], slow["id"]);
     assert!(
         wait_for(5.0, || !process_alive(&marker)),

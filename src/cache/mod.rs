@@ -32,9 +32,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Sink};
 use crate::hash::BuildId;
-use crate::log::Reporter;
 use crate::manifest::{CacheSettings, Service};
 use crate::pipeline::Outcome;
 use crate::store::{self, Store};
@@ -140,32 +139,32 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 static SETUP_WARNED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Mutex::default);
 
 /// The client of `svc`'s cache, or a warning (once per url) saying why there is none.
-fn remote_of(svc: &Service, reporter: &Reporter) -> Option<(Arc<CacheSettings>, Arc<Remote>)> {
+fn remote_of(svc: &Service, sink: &Sink) -> Option<(Arc<CacheSettings>, Arc<Remote>)> {
     let settings = svc.cache.clone()?;
     match remote::remote(&settings) {
         Ok(r) => Some((settings, r)),
         Err(e) => {
             let mut warned = SETUP_WARNED.lock().unwrap_or_else(|e| e.into_inner());
             if warned.insert(settings.url.clone()) {
-                warn(reporter, &svc.name, format!("{e}; building locally"));
+                warn(sink, &svc.name, format!("{e}; building locally"));
             }
             None
         }
     }
 }
 
-fn warn(reporter: &Reporter, service: &str, message: String) {
-    reporter.emit(&Event::now(service, EventKind::Warning { message }));
+fn warn(sink: &Sink, service: &str, message: String) {
+    sink.emit(&Event::now(service, EventKind::Warning { message }));
 }
 
 /// Warns about `e` from `remote`: an outage once until the store answers again, anything
 /// else every time.
-fn report(reporter: &Reporter, service: &str, remote: &Remote, what: &str, e: &CacheError) {
+fn report(sink: &Sink, service: &str, remote: &Remote, what: &str, e: &CacheError) {
     match e {
         CacheError::Unreachable(why) => {
             if remote.went_down() {
                 warn(
-                    reporter,
+                    sink,
                     service,
                     format!(
                         "cache {} is unreachable ({why}): building locally, and leaving it alone for a while",
@@ -174,11 +173,7 @@ fn report(reporter: &Reporter, service: &str, remote: &Remote, what: &str, e: &C
                 );
             }
         }
-        e => warn(
-            reporter,
-            service,
-            format!("cache {}: {what}: {e}", remote.url),
-        ),
+        e => warn(sink, service, format!("cache {}: {what}: {e}", remote.url)),
     }
 }
 
@@ -186,17 +181,40 @@ fn outage(e: object_store::Error) -> CacheError {
     CacheError::Unreachable(e.to_string())
 }
 
+/// A build taken from the cache: a new archive, not yet live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The `.build-<ts>` it became.
+    pub archive: String,
+    /// Downloaded.
+    pub bytes: u64,
+    pub duration_ms: u64,
+}
+
+impl Fetched {
+    /// The `fetched` event, for once `.run` points to it.
+    pub fn event(&self, id: BuildId) -> EventKind {
+        EventKind::Fetched {
+            id: id.to_string(),
+            archive: self.archive.clone(),
+            bytes: self.bytes,
+            duration_ms: self.duration_ms,
+        }
+    }
+}
+
 /// Looks build `id` up in `svc`'s cache and, when a good entry is there, makes it a new
-/// archive, points `.run` at it and emits `fetched`; returns the archive's name. `None` (after
-/// a warning when something went wrong) means: build locally. The caller holds the lock.
+/// archive (not yet live: the caller publishes it and then sends [`Fetched::event`]). `None`
+/// (after a warning when something went wrong) means: build locally. The caller holds the
+/// lock.
 pub async fn fetch(
     svc: &Service,
     store: &Store,
     id: BuildId,
-    reporter: &Reporter,
+    sink: &Sink,
     cancel: &CancellationToken,
-) -> Option<String> {
-    let (settings, remote) = remote_of(svc, reporter)?;
+) -> Option<Fetched> {
+    let (settings, remote) = remote_of(svc, sink)?;
     if remote.paused() || cancel.is_cancelled() {
         return None;
     }
@@ -215,7 +233,7 @@ pub async fn fetch(
             return None;
         }
         Ok(Err(e)) => {
-            report(reporter, &svc.name, &remote, "lookup failed", &outage(e));
+            report(sink, &svc.name, &remote, "lookup failed", &outage(e));
             return None;
         }
         Err(_) => {
@@ -223,7 +241,7 @@ pub async fn fetch(
                 "no answer within {}",
                 crate::log::human_ms(u64::try_from(patience.as_millis()).unwrap_or(u64::MAX))
             ));
-            report(reporter, &svc.name, &remote, "lookup failed", &e);
+            report(sink, &svc.name, &remote, "lookup failed", &e);
             return None;
         }
     };
@@ -232,7 +250,7 @@ pub async fn fetch(
     let tmp = match fetch_dir(store) {
         Ok(t) => t,
         Err(e) => {
-            warn(reporter, &svc.name, format!("cache: {e}"));
+            warn(sink, &svc.name, format!("cache: {e}"));
             return None;
         }
     };
@@ -259,31 +277,23 @@ pub async fn fetch(
         let a = store
             .adopt(&tmp, id, started.elapsed(), None)
             .map_err(|e| CacheError::Local(e.to_string()))?;
-        store
-            .point_run(&a.name)
-            .map_err(|e| CacheError::Local(e.to_string()))?;
         Ok((a.name, bytes))
     });
     match adopted {
-        Ok((name, bytes)) => {
+        Ok((archive, bytes)) => {
             mark_stored(store, id);
-            reporter.emit(&Event::now(
-                &svc.name,
-                EventKind::Fetched {
-                    id: id.to_string(),
-                    archive: name.clone(),
-                    bytes,
-                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                },
-            ));
-            Some(name)
+            Some(Fetched {
+                archive,
+                bytes,
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
         }
         Err(e) => {
             // Never a partial tree left behind, nor one that could pass for an archive.
             let _ = std::fs::remove_dir_all(&tmp);
             if !cancel.is_cancelled() {
                 report(
-                    reporter,
+                    sink,
                     &svc.name,
                     &remote,
                     &format!("entry {id} refused, building locally"),
@@ -617,7 +627,7 @@ pub async fn push(
     svc: &Service,
     archive: &str,
     id: BuildId,
-    reporter: &Reporter,
+    sink: &Sink,
 ) -> Result<Pushed, CacheError> {
     let settings = svc
         .cache
@@ -639,7 +649,7 @@ pub async fn push(
     {
         return Ok(Pushed::AlreadyThere);
     }
-    let result = upload(svc, &settings, &remote, &store, archive, id, &key, reporter).await;
+    let result = upload(svc, &settings, &remote, &store, archive, id, &key, sink).await;
     IN_FLIGHT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -660,7 +670,7 @@ async fn upload(
     archive: &str,
     id: BuildId,
     key: &object_store::path::Path,
-    reporter: &Reporter,
+    sink: &Sink,
 ) -> Result<Pushed, CacheError> {
     let started = Instant::now();
     match remote.store.head(key).await {
@@ -712,7 +722,7 @@ async fn upload(
     };
     let _ = std::fs::remove_file(&tmp);
     let bytes = result?;
-    reporter.emit(&Event::now(
+    sink.emit(&Event::now(
         &svc.name,
         EventKind::Pushed {
             id: id.to_string(),
@@ -822,16 +832,11 @@ async fn send(
 /// Pushes in the background what `watch` just made live, when the manifest's `[cache]` has
 /// `push = true`; a failure is one warning (one per outage) and never delays anything. For the
 /// engine to call once a build is live.
-pub fn push_in_background(
-    svc: &Arc<Service>,
-    archive: &str,
-    id: BuildId,
-    reporter: &Arc<Reporter>,
-) {
+pub fn push_in_background(svc: &Arc<Service>, archive: &str, id: BuildId, sink: &Arc<Sink>) {
     if !svc.cache.as_ref().is_some_and(|c| c.push) {
         return;
     }
-    let (svc, archive, reporter) = (svc.clone(), archive.to_owned(), reporter.clone());
+    let (svc, archive, sink) = (svc.clone(), archive.to_owned(), sink.clone());
     tokio::spawn(async move {
         // An outage was warned about; its pause applies to pushes too.
         if svc
@@ -842,16 +847,16 @@ pub fn push_in_background(
         {
             return;
         }
-        if let Err(e) = push(&svc, &archive, id, &reporter).await {
-            push_warning(&svc, &reporter, &e);
+        if let Err(e) = push(&svc, &archive, id, &sink).await {
+            push_warning(&svc, &sink, &e);
         }
     });
 }
 
-fn push_warning(svc: &Service, reporter: &Reporter, e: &CacheError) {
+fn push_warning(svc: &Service, sink: &Sink, e: &CacheError) {
     match (svc.cache.as_deref().map(remote::remote), e) {
-        (Some(Ok(r)), e) => report(reporter, &svc.name, &r, "push failed", e),
-        (_, e) => warn(reporter, &svc.name, format!("cache: push failed: {e}")),
+        (Some(Ok(r)), e) => report(sink, &svc.name, &r, "push failed", e),
+        (_, e) => warn(sink, &svc.name, format!("cache: push failed: {e}")),
     }
 }
 
@@ -862,7 +867,7 @@ pub async fn push_after_build(
     svc: &Service,
     outcome: &anyhow::Result<Outcome>,
     explicit: bool,
-    reporter: &Reporter,
+    sink: &Sink,
 ) -> Option<anyhow::Error> {
     let wanted = explicit || svc.cache.as_ref().is_some_and(|c| c.push);
     let id = match outcome {
@@ -885,13 +890,13 @@ pub async fn push_after_build(
     }
     let store = Store::new(&svc.root);
     let archive = store.live().filter(|_| store.live_id() == Some(id))?;
-    match push(svc, &archive, id, reporter).await {
+    match push(svc, &archive, id, sink).await {
         Ok(_) => None,
         Err(e) if explicit => Some(anyhow::anyhow!(
             "the build is archived, but pushing it to the cache failed: {e}"
         )),
         Err(e) => {
-            push_warning(svc, reporter, &e);
+            push_warning(svc, sink, &e);
             None
         }
     }

@@ -1,16 +1,17 @@
 //! The common case forwarded without hyper: HTTP/1.1 requests with no body or a
 //! `Content-Length` one, to a live instance, with the responses' framing (length, chunked or
-//! until close) passed through as it comes.
+//! until close) decided here and written as it was decided.
 //!
 //! hyper parses each message into a `Request`/`Response` with a header map, then writes it out
 //! again with its own framing, on both sides of the proxy: on two cores that cost as much CPU
 //! per request as the instance itself, and made the proxy the bottleneck. Here a request is
-//! parsed in place (`httparse`), its head rewritten into one buffer (hop-by-hop headers out,
-//! `X-Forwarded-*` in), and bodies are copied in chunks, never held whole.
+//! parsed in place (`httparse`), its head rewritten into one buffer (what [`policy`] leaves out
+//! left out, `X-Forwarded-*` in), and bodies are copied in chunks, never held whole.
 //!
 //! Anything else on a connection (an upgrade, `Expect`, a chunked, HTTP/1.0 or large request,
-//! an absolute-form target, the service starting or down, a head that does not parse) hands the
-//! connection, with what was read of it, to the hyper path for the rest of its life.
+//! an absolute-form target, a request the policy refuses, the service starting or down, a head
+//! that does not parse) hands the connection, with what was read of it, to the hyper path for
+//! the rest of its life.
 
 use std::sync::Arc;
 
@@ -19,7 +20,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{HOP_BY_HOP, InFlight, Proxy, Target, UPSTREAM_IDLE, Upstream, connect};
+use super::chunked::{ChunkError, Chunked};
+use super::policy::{self, Failure, Timeouts, UPSTREAM_IDLE};
+use super::switch::{InFlight, Upstream};
+use super::{Proxy, connect};
 
 /// The most headers a message may have here; more go to the hyper path.
 const MAX_HEADERS: usize = 96;
@@ -32,10 +36,14 @@ const CHUNK: usize = 16 << 10;
 /// sockets' buffers and wait on us forever with a larger one; hyper's path reads and writes
 /// both ways at once. Loopback buffers hold this much either way.
 const MAX_BODY: u64 = 64 << 10;
+/// The answer to a head that did not arrive in time.
+const HEAD_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// How serving a connection here ended.
 pub(super) enum Outcome {
-    /// The connection is finished (closed by either side, failed, or the proxy stops).
+    /// The connection is finished (closed by either side, failed, timed out, or the proxy
+    /// stops).
     Done,
     /// The hyper path takes over; these bytes were read from the client and not handled.
     HandOver(Vec<u8>),
@@ -46,8 +54,11 @@ struct Conn<'a> {
     proxy: &'a Proxy,
     client: &'a mut TcpStream,
     peer_ip: &'a str,
+    timeouts: Timeouts,
     /// Bytes read from the client and not handled yet.
     cbuf: Vec<u8>,
+    /// When the last response ended (or the connection opened).
+    idle_since: Instant,
     up: Option<Up>,
     /// The request as it goes to the instance: rewritten head and the body read with it. Kept
     /// until a response starts, for a retry.
@@ -73,7 +84,7 @@ struct RequestHead {
     body: u64,
     close: bool,
     head_method: bool,
-    /// The method is safe to send twice (see `forward`).
+    /// The method is safe to send twice (see [`policy::retry`]).
     idempotent: bool,
 }
 
@@ -88,7 +99,9 @@ pub(super) async fn serve(
         proxy,
         client,
         peer_ip,
+        timeouts: proxy.timeouts,
         cbuf: Vec::with_capacity(CHUNK),
+        idle_since: Instant::now(),
         up: None,
         req_out: Vec::with_capacity(1024),
         resp_out: Vec::with_capacity(1024),
@@ -98,7 +111,7 @@ pub(super) async fn serve(
             Next::Done => return Outcome::Done,
             Next::HandOver => return Outcome::HandOver(std::mem::take(&mut conn.cbuf)),
             Next::Request(head, in_flight) => match conn.forward(head, in_flight).await {
-                Ok(true) => {}
+                Ok(true) => conn.idle_since = Instant::now(),
                 Ok(false) | Err(()) => return Outcome::Done,
             },
         }
@@ -125,30 +138,62 @@ fn only<'h>(headers: &'h [httparse::Header<'h>], name: &str) -> Result<Option<&'
     Ok(found)
 }
 
+/// The values of every header `name`.
+fn all<'h>(headers: &'h [httparse::Header<'h>], name: &'h str) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
 /// The tokens of every `Connection` header.
 fn connection_tokens<'h>(headers: &'h [httparse::Header<'h>]) -> impl Iterator<Item = &'h [u8]> {
-    headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+    policy::tokens(all(headers, "connection"))
 }
 
-/// Whether `headers` has a `Connection` header (which may name more hop-by-hop headers).
-fn names_hops(headers: &[httparse::Header<'_>]) -> bool {
-    headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("connection"))
+/// The headers a message's `Connection` header names, found once per message rather than for
+/// each of its headers. Tokens that are hop-by-hop anyway, or `close`, are not kept: the common
+/// `Connection: keep-alive` names nothing more.
+struct Named<'h> {
+    tokens: [&'h [u8]; 8],
+    len: usize,
+    /// More than fit: every header is looked for in the `Connection` header itself.
+    overflow: bool,
 }
 
-/// Whether the header `name` describes one hop only: a fixed hop-by-hop header, or one that
-/// `Connection` names (looked for only if `named`, from [`names_hops`]).
-fn hop_by_hop(headers: &[httparse::Header<'_>], named: bool, name: &str) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-        || named && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+impl<'h> Named<'h> {
+    fn of(headers: &'h [httparse::Header<'h>]) -> Named<'h> {
+        let mut named = Named {
+            tokens: [&[][..]; 8],
+            len: 0,
+            overflow: false,
+        };
+        for t in connection_tokens(headers) {
+            if t.eq_ignore_ascii_case(b"close") || policy::leaves_out(t, std::iter::empty()) {
+                continue;
+            }
+            if named.len == named.tokens.len() {
+                named.overflow = true;
+                break;
+            }
+            named.tokens[named.len] = t;
+            named.len += 1;
+        }
+        named
+    }
+
+    /// Whether the header `name` stays out ([`policy::leaves_out`], or
+    /// [`policy::leaves_out_of_request`] for a `request`).
+    fn leaves_out(&self, headers: &'h [httparse::Header<'h>], name: &str, request: bool) -> bool {
+        let name = name.as_bytes();
+        let kept = self.tokens[..self.len].iter().copied();
+        match (self.overflow, request) {
+            (true, true) => policy::leaves_out_of_request(name, connection_tokens(headers)),
+            (true, false) => policy::leaves_out(name, connection_tokens(headers)),
+            (false, true) => policy::leaves_out_of_request(name, kept),
+            (false, false) => policy::leaves_out(name, kept),
+        }
+    }
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -158,7 +203,8 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// The request head's facts, or `None` for anything the hyper path handles.
+/// The request head's facts, or `None` for anything the hyper path handles (which answers
+/// what the policy refuses).
 fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> {
     let (method, path) = (req.method?, req.path?);
     if req.version != Some(1) || !path.starts_with('/') {
@@ -173,6 +219,8 @@ fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> 
             return None;
         }
     }
+    // The first two `Host`s: one is right, two are refused.
+    let mut hosts: [Option<&[u8]>; 2] = [None; 2];
     for h in headers {
         let n = h.name;
         if n.eq_ignore_ascii_case("transfer-encoding")
@@ -181,7 +229,13 @@ fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> 
         {
             return None;
         }
+        if n.eq_ignore_ascii_case("host") {
+            let slot = if hosts[0].is_none() { 0 } else { 1 };
+            hosts[slot] = Some(h.value);
+        }
     }
+    let hosts = hosts.into_iter().flatten();
+    policy::check_request(method.as_bytes(), true, hosts).ok()?;
     let body = match only(headers, "content-length").ok()? {
         Some(v) => parse_length(v)?,
         None => 0,
@@ -194,13 +248,15 @@ fn classify(req: &httparse::Request<'_, '_>, len: usize) -> Option<RequestHead> 
         body,
         close,
         head_method: method == "HEAD",
-        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
+        idempotent: policy::idempotent(method.as_bytes()),
     })
 }
 
 impl Conn<'_> {
     /// Reads the next request head, decides whether it is ours, and routes it.
     async fn next_request(&mut self, stop: &CancellationToken) -> Next {
+        // When the first byte of this head came.
+        let mut head_since = (!self.cbuf.is_empty()).then(Instant::now);
         loop {
             if !self.cbuf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -210,7 +266,7 @@ impl Conn<'_> {
                         let Some(head) = classify(&req, len) else {
                             return Next::HandOver;
                         };
-                        let Some(in_flight) = self.live() else {
+                        let Some(in_flight) = self.proxy.switch.live() else {
                             return Next::HandOver;
                         };
                         let addr = in_flight.upstream().addr();
@@ -221,47 +277,55 @@ impl Conn<'_> {
                     _ => return Next::HandOver,
                 }
             }
-            let read = if self.cbuf.is_empty() {
-                // Between requests the proxy may stop (within one it finishes it), and the
-                // upstream connection is closed once idle for `UPSTREAM_IDLE`, well before
-                // the instance would close it under a request.
-                let idle_until = self.up.as_ref().map(|up| up.since + UPSTREAM_IDLE);
+            let read = if let Some(since) = head_since {
+                let deadline = since + self.timeouts.head;
+                match tokio::time::timeout_at(deadline, read_more(self.client, &mut self.cbuf))
+                    .await
+                {
+                    Ok(read) => read,
+                    Err(_) => {
+                        let _ = self.client.write_all(HEAD_TIMEOUT).await;
+                        return Next::Done;
+                    }
+                }
+            } else {
+                // Between requests the proxy may stop (within one it finishes it), the client
+                // connection ends once idle too long, and the upstream connection is closed
+                // once idle for `UPSTREAM_IDLE`, well before the instance would close it under
+                // a request.
+                // One timer for both: one registration per request, not two.
+                let up_until = self.up.as_ref().map(|up| up.since + UPSTREAM_IDLE);
+                let client_until = self.idle_since + self.timeouts.idle;
+                let until = up_until.map_or(client_until, |u| u.min(client_until));
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => return Next::Done,
-                    () = tokio::time::sleep_until(idle_until.unwrap_or_else(Instant::now)),
-                        if idle_until.is_some() => {
+                    () = tokio::time::sleep_until(until) => {
+                        if Instant::now() >= client_until {
+                            return Next::Done;
+                        }
                         self.up = None;
                         continue;
                     }
                     r = read_more(self.client, &mut self.cbuf) => r,
                 }
-            } else {
-                read_more(self.client, &mut self.cbuf).await
             };
             match read {
                 Ok(0) | Err(_) => return Next::Done,
-                Ok(_) => {}
+                Ok(_) => {
+                    head_since.get_or_insert_with(Instant::now);
+                }
             }
-        }
-    }
-
-    /// The live instance, with this request counted on it; any other state of the service is
-    /// the hyper path's to answer (it waits while starting, and renders the pages).
-    fn live(&self) -> Option<InFlight> {
-        match &*self.proxy.switch.tx.borrow() {
-            Target::Live(upstream) => Some(upstream.enter()),
-            _ => None,
         }
     }
 
     /// The upstream connection to use for `upstream`: the kept one if it goes there, is
     /// recent and still open, else a new one. Whether it was reused.
-    async fn upstream_for(&mut self, upstream: &Arc<Upstream>) -> Result<bool, String> {
+    async fn upstream_for(&mut self, upstream: &Arc<Upstream>) -> Result<bool, Failure> {
         if let Some(up) = &self.up {
             let mut probe = [0u8; 1];
             let usable = Arc::ptr_eq(&up.upstream, upstream)
-                && up.since.elapsed() < UPSTREAM_IDLE
+                && policy::fresh(up.since)
                 && up.buf.is_empty()
                 // Open and quiet: nothing to read, no end of stream.
                 && matches!(up.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
@@ -270,7 +334,7 @@ impl Conn<'_> {
             }
         }
         self.up = None;
-        let stream = connect(upstream.addr()).await.map_err(|e| e.to_string())?;
+        let stream = connect(upstream.addr()).await?;
         self.up = Some(Up {
             stream,
             upstream: upstream.clone(),
@@ -290,39 +354,46 @@ impl Conn<'_> {
             .extend_from_slice(&self.cbuf[head.len..head.len + body_now]);
         self.cbuf.drain(..head.len + body_now);
         let mut body_left = head.body - body_now as u64;
-        // Sent twice only if it cannot have been acted on: the kept connection turned out to
-        // be closed (an instance closing an idle connection) before any answer, and the whole
-        // request is still at hand.
-        let mut retry = head.idempotent && body_left == 0;
+        let stall = self.timeouts.body_stall;
+        // A retry needs the whole request at hand: no body left to stream from the client.
+        let mut replayable = body_left == 0;
         let failure = loop {
             let reused = match self.upstream_for(&upstream).await {
                 Ok(reused) => reused,
-                Err(e) => break Failed::Answer(format!("did not answer: {e}")),
+                Err(e) => break e,
             };
             let up = self.up.as_mut().expect("just set");
             let mut answered = match up.stream.write_all(&self.req_out).await {
                 Ok(()) if body_left > 0 => {
                     // The rest of the body streams through; from here on there is no retry.
-                    retry = false;
-                    match copy_exact(self.client, &mut up.stream, body_left, &mut self.cbuf).await {
+                    replayable = false;
+                    match copy_exact(
+                        self.client,
+                        &mut up.stream,
+                        body_left,
+                        &mut self.cbuf,
+                        stall,
+                    )
+                    .await
+                    {
                         Ok(()) => {
                             body_left = 0;
                             read_response_head(up, &head, &mut self.resp_out).await
                         }
                         Err(Copy::Read) => return Err(()),
                         // Part of the body is gone: answer, and end the connection.
-                        Err(Copy::Write) => break Failed::Close,
+                        Err(Copy::Write) => break Failure::ClosedDuringBody,
                     }
                 }
                 Ok(()) => read_response_head(up, &head, &mut self.resp_out).await,
-                Err(_) => Err(()),
+                Err(_) => Err(Failure::Closed),
             };
             // Interim responses (103 Early Hints, ...) are passed on as they come.
             while let Ok(resp) = &answered
                 && resp.status < 200
             {
                 // The instance is answering: never sent twice from here on.
-                retry = false;
+                replayable = false;
                 let up = self.up.as_mut().expect("a response came from it");
                 up.buf.drain(..resp.len);
                 if self.client.write_all(&self.resp_out).await.is_err() {
@@ -330,65 +401,61 @@ impl Conn<'_> {
                 }
                 answered = read_response_head(up, &head, &mut self.resp_out).await;
             }
-            // Nothing at all came back: the instance cannot have started to answer.
-            let silent = self.up.as_ref().is_some_and(|up| up.buf.is_empty());
-            match answered {
+            let failure = match answered {
                 Ok(resp) => return self.respond(resp, in_flight).await,
-                Err(()) if reused && retry && silent => retry = false,
-                Err(()) => {
-                    break Failed::Answer(
-                        "did not answer: the connection closed before a response".to_owned(),
-                    );
-                }
+                Err(failure) => failure,
+            };
+            let attempt = policy::Attempt {
+                reused,
+                // Nothing at all came back: the instance cannot have started to answer.
+                silent: self.up.as_ref().is_some_and(|up| up.buf.is_empty())
+                    && matches!(failure, Failure::Closed),
+                replayable,
+                // Written to a socket that may have been closed already: it may have arrived.
+                unsent: false,
+                idempotent: head.idempotent,
+            };
+            if !policy::retry(attempt) {
+                break failure;
             }
+            replayable = false;
             self.up = None;
         };
         // The instance is no longer counted on for this request once the 502 is written.
         self.up = None;
         drop(in_flight);
         let addr = upstream.addr();
-        match failure {
-            Failed::Answer(why) => {
-                self.drain_and_fail(&head, body_left, &format!("The instance at {addr} {why}"))
-                    .await
+        let page = self.proxy.failure_page(addr, &failure);
+        // The connection to the client stays usable when the policy says so: its request was
+        // read whole, or is read to its end now.
+        match failure.keeps_client() {
+            true => {
+                if body_left > 0 {
+                    let mut sink = tokio::io::sink();
+                    copy_exact(self.client, &mut sink, body_left, &mut self.cbuf, stall)
+                        .await
+                        .map_err(drop)?;
+                }
+                self.fail(&head, &page).await?;
+                Ok(!head.close)
             }
-            Failed::Close => {
-                let detail = format!(
-                    "The instance at {addr} closed the connection while the request body was \
-                     being sent"
-                );
+            // Part of the body is gone, or the instance said something the proxy cannot
+            // read: a 502, and the connection ends.
+            false => {
                 let close = RequestHead {
                     close: true,
                     ..head
                 };
-                self.fail(&close, &detail).await?;
+                self.fail(&close, &page).await?;
+                let _ = self.client.shutdown().await;
                 Ok(false)
             }
         }
     }
 
-    /// Answers 502 once the rest of the request body is read (and dropped), so the connection
-    /// stays usable.
-    async fn drain_and_fail(
-        &mut self,
-        head: &RequestHead,
-        body_left: u64,
-        detail: &str,
-    ) -> Result<bool, ()> {
-        let mut sink = tokio::io::sink();
-        if body_left > 0 {
-            copy_exact(self.client, &mut sink, body_left, &mut self.cbuf)
-                .await
-                .map_err(drop)?;
-        }
-        self.fail(head, detail).await?;
-        Ok(!head.close)
-    }
-
     /// Answers 502 with the proxy's page.
-    async fn fail(&mut self, head: &RequestHead, detail: &str) -> Result<(), ()> {
+    async fn fail(&mut self, head: &RequestHead, html: &str) -> Result<(), ()> {
         use std::io::Write;
-        let html = self.proxy.failure_page(detail);
         let out = &mut self.resp_out;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html; charset=utf-8\r\ncache-control: no-store\r\n");
@@ -447,67 +514,65 @@ impl Conn<'_> {
     }
 }
 
-/// Writes the head of `req` as it goes to the instance at `addr` into `out`: hop-by-hop
-/// headers out, `X-Forwarded-For` (appending the client), `-Proto` and `-Host` set, and `Host`
-/// if the client left it out.
+/// Writes the head of `req` as it goes to the instance at `addr` into `out`: what the policy
+/// leaves out left out, `X-Forwarded-For` (appending the client), `-Proto` and `-Host` set.
+/// The request passed [`policy::check_request`] (in [`classify`]): one valid `Host`.
 fn write_request_head(
     out: &mut Vec<u8>,
     req: &httparse::Request<'_, '_>,
     peer_ip: &str,
     addr: std::net::SocketAddr,
 ) {
-    use std::io::Write;
     out.clear();
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let headers = &*req.headers;
-    let named = names_hops(headers);
+    let named = Named::of(headers);
     let mut host = None;
-    let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    let mut forwarded_for = false;
     for h in headers {
         if h.name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for.push(h.value);
+            forwarded_for = true;
             continue;
         }
         if h.name.eq_ignore_ascii_case("host") {
             host = Some(h.value);
         }
-        if hop_by_hop(headers, named, h.name)
-            || h.name.eq_ignore_ascii_case("x-forwarded-proto")
-            || h.name.eq_ignore_ascii_case("x-forwarded-host")
-        {
+        if named.leaves_out(headers, h.name, true) {
             continue;
         }
         header_line(out, h.name.as_bytes(), h.value);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    for v in forwarded_for {
-        out.extend_from_slice(v);
-        out.extend_from_slice(b", ");
+    if forwarded_for {
+        policy::forwarded_for(out, all(headers, "x-forwarded-for"), peer_ip.as_bytes());
+    } else {
+        out.extend_from_slice(peer_ip.as_bytes());
     }
-    out.extend_from_slice(peer_ip.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(policy::FORWARDED_PROTO);
+    out.extend_from_slice(b"\r\n");
     match host {
         Some(host) => header_line(out, b"x-forwarded-host", host),
-        // HTTP/1.1 requires it; an instance may rely on it.
-        None => {
-            let _ = write!(out, "host: {addr}\r\n");
-        }
+        None => header_line(out, b"host", policy::default_host(addr).as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
 }
 
 /// Appends the response head `resp` as the client gets it: HTTP/1.1 whatever the instance speaks
-/// (HTTP/1.0 servers such as Python's http.server; the framing kept is what keeps that right),
-/// hop-by-hop headers out except a `Transfer-Encoding` whose chunked framing is passed on as it
-/// is, and `Connection: close` if the client connection ends after it.
+/// (HTTP/1.0 servers such as Python's http.server), the headers the policy leaves out left
+/// out, and the framing as decided in `framing`, whatever the instance's framing headers said:
+/// its `Transfer-Encoding` for a chunked body, a `Content-Length` of ours for a length, neither
+/// (and `Connection: close`) for a body that ends with the connection. A body-less response
+/// keeps the instance's length, which describes the resource (HEAD, 304).
 fn write_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     status: u16,
-    chunked: bool,
+    framing: &Framing,
+    bodyless: bool,
     close: bool,
 ) {
     use std::io::Write;
@@ -515,16 +580,24 @@ fn write_response_head(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let headers = &*resp.headers;
-    let named = names_hops(headers);
+    let named = Named::of(headers);
+    let chunked = matches!(framing, Framing::Chunked(_));
     for h in headers {
-        let keep_te = chunked && h.name.eq_ignore_ascii_case("transfer-encoding");
-        if hop_by_hop(headers, named, h.name) && !keep_te
-            // A length beside chunked framing is wrong, and the framing wins.
-            || chunked && h.name.eq_ignore_ascii_case("content-length")
-        {
-            continue;
+        let te = h.name.eq_ignore_ascii_case("transfer-encoding");
+        let cl = h.name.eq_ignore_ascii_case("content-length");
+        let keep = if te {
+            chunked
+        } else if cl {
+            bodyless && status != 204 && status >= 200
+        } else {
+            !named.leaves_out(headers, h.name, false)
+        };
+        if keep {
+            header_line(out, h.name.as_bytes(), h.value);
         }
-        header_line(out, h.name.as_bytes(), h.value);
+    }
+    if let (Framing::Length(n), false) = (framing, bodyless) {
+        let _ = write!(out, "content-length: {n}\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -547,26 +620,29 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result
 }
 
 enum Copy {
+    /// The client closed, failed, or sent nothing for `stall`.
     Read,
     Write,
 }
 
 /// Copies exactly `n` bytes from `from` to `to` through `buf` (which must be empty, and is
-/// left empty), never reading beyond them.
+/// left empty), never reading beyond them; each read waits at most `stall`.
 async fn copy_exact<W: tokio::io::AsyncWrite + Unpin>(
     from: &mut TcpStream,
     to: &mut W,
     mut n: u64,
     buf: &mut Vec<u8>,
+    stall: std::time::Duration,
 ) -> Result<(), Copy> {
     debug_assert!(buf.is_empty());
     while n > 0 {
         buf.clear();
         let want = usize::try_from(n).map_or(CHUNK, |n| n.min(CHUNK));
         buf.reserve(want);
-        match (&mut *from).take(want as u64).read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(Copy::Read),
-            Ok(got) => {
+        let mut limited = (&mut *from).take(want as u64);
+        match tokio::time::timeout(stall, limited.read_buf(buf)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => return Err(Copy::Read),
+            Ok(Ok(got)) => {
                 to.write_all(&buf[..got]).await.map_err(|_| Copy::Write)?;
                 n -= got as u64;
             }
@@ -596,7 +672,7 @@ async fn read_response_head(
     up: &mut Up,
     req: &RequestHead,
     out: &mut Vec<u8>,
-) -> Result<ResponseHead, ()> {
+) -> Result<ResponseHead, Failure> {
     loop {
         if !up.buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -604,11 +680,19 @@ async fn read_response_head(
             match resp.parse(&up.buf) {
                 Ok(httparse::Status::Complete(len)) => return response_head(&resp, len, req, out),
                 Ok(httparse::Status::Partial) if up.buf.len() < MAX_HEAD => {}
-                _ => return Err(()),
+                Ok(httparse::Status::Partial) => {
+                    return Err(Failure::BadResponse("a head over 64 KiB".to_owned()));
+                }
+                Err(e) => return Err(Failure::BadResponse(e.to_string())),
             }
         }
         match read_more(&mut up.stream, &mut up.buf).await {
-            Ok(0) | Err(_) => return Err(()),
+            Ok(0) | Err(_) if up.buf.is_empty() => return Err(Failure::Closed),
+            Ok(0) | Err(_) => {
+                return Err(Failure::BadResponse(
+                    "the connection closed in the middle of a head".to_owned(),
+                ));
+            }
             Ok(_) => {}
         }
     }
@@ -619,11 +703,15 @@ fn response_head(
     len: usize,
     req: &RequestHead,
     out: &mut Vec<u8>,
-) -> Result<ResponseHead, ()> {
-    let status = resp.code.ok_or(())?;
-    if !(100..600).contains(&status) || status == 101 {
-        // Switching protocols was not asked for: requests that ask go the hyper way.
-        return Err(());
+) -> Result<ResponseHead, Failure> {
+    let bad = |why: &str| Failure::BadResponse(why.to_owned());
+    let status = resp.code.ok_or_else(|| bad("no status"))?;
+    if !(100..600).contains(&status) {
+        return Err(bad("a status out of range"));
+    }
+    if status == 101 {
+        // Requests that ask to switch protocols go the hyper way.
+        return Err(Failure::UnaskedUpgrade);
     }
     let headers = &*resp.headers;
     // HTTP/1.0 closes unless asked to keep the connection.
@@ -632,12 +720,9 @@ fn response_head(
     } else {
         !connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
     };
-    let te = headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .next_back();
+    // RFC 9112 6.3: a Transfer-Encoding wins over a Content-Length; chunked must be the last
+    // coding, else the body ends with the connection.
+    let te = policy::tokens(all(headers, "transfer-encoding")).last();
     let framing = if let Some(last) = te {
         if last.eq_ignore_ascii_case(b"chunked") {
             Framing::Chunked(Chunked::default())
@@ -645,13 +730,15 @@ fn response_head(
             Framing::UntilClose
         }
     } else {
-        match only(headers, "content-length")? {
-            Some(v) => Framing::Length(parse_length(v).ok_or(())?),
+        let length = only(headers, "content-length").map_err(|()| bad("two Content-Lengths"))?;
+        match length {
+            Some(v) => Framing::Length(parse_length(v).ok_or_else(|| bad("a bad Content-Length"))?),
             None => Framing::UntilClose,
         }
     };
     let interim = status < 200;
-    let framing = if interim || req.head_method || status == 204 || status == 304 {
+    let bodyless = interim || req.head_method || status == 204 || status == 304;
+    let framing = if bodyless {
         Framing::Length(0)
     } else {
         framing
@@ -659,8 +746,7 @@ fn response_head(
     // The end of the body is the end of the connection, on both sides.
     let close_client = !interim && (req.close || matches!(framing, Framing::UntilClose));
     out.clear();
-    let chunked = matches!(framing, Framing::Chunked(_));
-    write_response_head(out, resp, status, chunked, close_client);
+    write_response_head(out, resp, status, &framing, bodyless, close_client);
     Ok(ResponseHead {
         len,
         status,
@@ -668,14 +754,6 @@ fn response_head(
         close,
         close_client,
     })
-}
-
-/// Why a request got no answer from its instance.
-enum Failed {
-    /// The client gets a 502 saying the instance `…` (the rest of the sentence).
-    Answer(String),
-    /// The instance closed while the body was being sent: a 502, then the connection ends.
-    Close,
 }
 
 /// How the end of a response body is found.
@@ -707,226 +785,5 @@ impl Framing {
             Framing::Chunked(c) => c.done(),
             Framing::UntilClose => false,
         }
-    }
-}
-
-#[derive(Debug)]
-pub(super) struct ChunkError;
-
-/// Finds the end of a chunked body as it streams by (the bytes themselves are passed on as
-/// they are): sizes, extensions, data, the last chunk and trailers.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Chunked {
-    /// Reading a chunk size: its value so far and whether it has a digit.
-    #[default]
-    Size0,
-    Size(u64),
-    /// After the size: an extension, up to the end of the line.
-    Ext(u64),
-    Data(u64),
-    /// After a chunk's data: its CRLF.
-    DataEnd,
-    /// At the start of a trailer line (or of the final empty line).
-    Trailer,
-    TrailerLine,
-    Done,
-}
-
-impl Chunked {
-    /// How many of `bytes` belong to the body; stops at its end.
-    pub(super) fn take(&mut self, bytes: &[u8]) -> Result<usize, ChunkError> {
-        let mut i = 0;
-        while i < bytes.len() && *self != Chunked::Done {
-            let b = bytes[i];
-            match *self {
-                Chunked::Size0 | Chunked::Size(_) => {
-                    let n = if let Chunked::Size(n) = *self { n } else { 0 };
-                    match b {
-                        b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                            let d = (b as char).to_digit(16).expect("a hex digit");
-                            let n = n.checked_mul(16).ok_or(ChunkError)? + u64::from(d);
-                            *self = Chunked::Size(n);
-                        }
-                        b';' | b' ' | b'\t' if matches!(self, Chunked::Size(_)) => {
-                            *self = Chunked::Ext(n)
-                        }
-                        b'\r' if matches!(self, Chunked::Size(_)) => *self = Chunked::Ext(n),
-                        b'\n' if matches!(self, Chunked::Size(_)) => {
-                            *self = if n == 0 {
-                                Chunked::Trailer
-                            } else {
-                                Chunked::Data(n)
-                            }
-                        }
-                        _ => return Err(ChunkError),
-                    }
-                    i += 1;
-                }
-                Chunked::Ext(n) => {
-                    if b == b'\n' {
-                        *self = if n == 0 {
-                            Chunked::Trailer
-                        } else {
-                            Chunked::Data(n)
-                        };
-                    }
-                    i += 1;
-                }
-                Chunked::Data(left) => {
-                    let n =
-                        usize::try_from(left).map_or(bytes.len() - i, |l| l.min(bytes.len() - i));
-                    i += n;
-                    let left = left - n as u64;
-                    *self = if left == 0 {
-                        Chunked::DataEnd
-                    } else {
-                        Chunked::Data(left)
-                    };
-                }
-                Chunked::DataEnd => {
-                    match b {
-                        b'\r' => {}
-                        b'\n' => *self = Chunked::Size0,
-                        _ => return Err(ChunkError),
-                    }
-                    i += 1;
-                }
-                Chunked::Trailer => {
-                    match b {
-                        b'\r' => {}
-                        b'\n' => *self = Chunked::Done,
-                        _ => *self = Chunked::TrailerLine,
-                    }
-                    i += 1;
-                }
-                Chunked::TrailerLine => {
-                    if b == b'\n' {
-                        *self = Chunked::Trailer;
-                    }
-                    i += 1;
-                }
-                Chunked::Done => unreachable!(),
-            }
-        }
-        Ok(i)
-    }
-
-    pub(super) fn done(&self) -> bool {
-        *self == Chunked::Done
-    }
-}
-
-/// A client connection handed to the hyper path: first the bytes the fast path read, then the
-/// socket.
-pub(super) struct Prefixed {
-    prefix: Vec<u8>,
-    at: usize,
-    stream: TcpStream,
-}
-
-impl Prefixed {
-    pub(super) fn new(prefix: Vec<u8>, stream: TcpStream) -> Prefixed {
-        Prefixed {
-            prefix,
-            at: 0,
-            stream,
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.prefix.len() {
-            let n = (this.prefix.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.at = 0;
-            }
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BODY: &[u8] =
-        b"4;ext=1\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Trailer: t\r\n\r\n";
-
-    #[test]
-    fn chunked_ends_where_the_body_ends_however_it_is_split() {
-        let mut stream = BODY.to_vec();
-        stream.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        for split in 0..stream.len() {
-            let mut c = Chunked::default();
-            let a = c.take(&stream[..split]).unwrap();
-            assert_eq!(a, split.min(BODY.len()), "split at {split}");
-            let b = c.take(&stream[split..]).unwrap();
-            assert_eq!(a + b, BODY.len(), "split at {split}");
-            assert!(c.done());
-        }
-        // Byte by byte.
-        let mut c = Chunked::default();
-        let mut n = 0;
-        for b in &stream {
-            n += c.take(std::slice::from_ref(b)).unwrap();
-        }
-        assert_eq!(n, BODY.len());
-    }
-
-    #[test]
-    fn chunked_without_trailers_and_bad_sizes() {
-        let mut c = Chunked::default();
-        assert_eq!(c.take(b"3\r\nabc\r\n0\r\n\r\nrest").unwrap(), 13);
-        assert!(c.done());
-        assert!(Chunked::default().take(b"x\r\n").is_err());
-        assert!(Chunked::default().take(b"\r\n").is_err());
-        assert!(Chunked::default().take(b"ffffffffffffffffff\r\n").is_err());
-        assert!(Chunked::default().take(b"3\r\nabcX").is_err());
     }
 }

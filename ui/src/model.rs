@@ -57,6 +57,11 @@ pub enum Msg {
         archive: String,
         lines: Vec<String>,
     },
+    /// A front end too slow for the output dropped this many of its lines (never a state
+    /// event).
+    Dropped {
+        lines: u64,
+    },
 }
 
 /// What the engine reports about one service.
@@ -64,6 +69,16 @@ pub enum Msg {
 pub enum EngineEvent {
     /// The service's tree is watched.
     Watching,
+    /// Where the service is reached: its proxy's address, which stays the same across swaps.
+    Url {
+        url: String,
+    },
+    /// At start: the log of the build that is live, so that the screen opens on it.
+    LiveLog {
+        id: String,
+        archive: String,
+        lines: Vec<String>,
+    },
     BuildStarted {
         id: String,
     },
@@ -80,6 +95,10 @@ pub enum EngineEvent {
         error: Option<String>,
     },
     Cancelled {
+        id: String,
+    },
+    /// The tree is the live build's (`id`) again: a failure shown before no longer stands.
+    UpToDate {
         id: String,
     },
     /// An instance of build `id` serves on `port` since `since` (seconds since the epoch).
@@ -248,6 +267,8 @@ pub(crate) struct Service {
     /// The id of the build in progress.
     pub building: Option<String>,
     pub instance: Option<Instance>,
+    /// Its proxy's address, if it has one.
+    pub url: Option<String>,
     /// The last failure (build error, unhealthy or crash reason), shown next to the state.
     pub problem: Option<String>,
     pub builds: Vec<BuildRow>,
@@ -272,6 +293,7 @@ impl Service {
             watching: false,
             building: None,
             instance: None,
+            url: None,
             problem: None,
             builds: Vec::new(),
             selected_build: 0,

@@ -103,6 +103,13 @@ fn start(color: bool) -> Model {
     );
     update(&mut m, Msg::Now(NOW));
     send(&mut m, "web", EngineEvent::Watching);
+    send(
+        &mut m,
+        "web",
+        EngineEvent::Url {
+            url: "http://127.0.0.1:8081".to_owned(),
+        },
+    );
     send(&mut m, "api", EngineEvent::Watching);
     m
 }

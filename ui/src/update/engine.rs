@@ -32,6 +32,20 @@ pub(super) fn on_engine(model: &mut Model, service: &str, event: EngineEvent) {
     let mut visible = true;
     match event {
         EngineEvent::Watching => svc.watching = true,
+        EngineEvent::Url { url } => svc.url = Some(url),
+        EngineEvent::LiveLog { id, archive, lines } => {
+            // Only while nothing newer was shown.
+            if svc.build_log_id.is_none() && svc.building.is_none() {
+                svc.build_log.note(
+                    &format!("── log of the live build {} ({archive}) ──", short_id(&id)),
+                    dim,
+                );
+                for line in &lines {
+                    svc.build_log.push(line);
+                }
+                svc.build_log_id = Some(id);
+            }
+        }
         EngineEvent::BuildStarted { id } => {
             svc.state = ServiceState::Building;
             svc.problem = None;
@@ -83,6 +97,17 @@ pub(super) fn on_engine(model: &mut Model, service: &str, event: EngineEvent) {
             };
             svc.build_log
                 .note(&format!("── build {} cancelled ──", short_id(&id)), dim);
+        }
+        EngineEvent::UpToDate { id } => {
+            if matches!(svc.state, ServiceState::Failed | ServiceState::Unhealthy) {
+                svc.state = match &svc.instance {
+                    Some(Instance { port: Some(_), .. }) => ServiceState::Live,
+                    _ => ServiceState::Idle,
+                };
+                svc.problem = None;
+                let note = format!("── the tree is {} again, the live build ──", short_id(&id));
+                svc.build_log.note(&note, good);
+            }
         }
         EngineEvent::Live {
             id,

@@ -55,6 +55,14 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Command> {
             }
             Vec::new()
         }
+        Msg::Dropped { lines } => {
+            model.message = Some((
+                Severity::Warning,
+                format!("{lines} lines of output were dropped (printed too fast to show)"),
+            ));
+            model.dirty = true;
+            Vec::new()
+        }
     }
 }
 

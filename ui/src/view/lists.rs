@@ -5,7 +5,7 @@ use ratatui::layout::Rect;
 use ratatui::text::{Line, Span};
 
 use super::theme::Theme;
-use super::{Col, fit, highlight_row, title_bar};
+use super::{Col, display_width, fit, highlight_row, title_bar};
 use crate::format::{age, duration, minutes, short_id};
 use crate::keys::Pane;
 use crate::model::{Model, Service, ServiceState};
@@ -109,18 +109,24 @@ fn service_row(
         }
         _ => (String::new(), theme.dim()),
     };
-    fit(
-        vec![
-            Col::new(cursor, theme.selected(false), 1, 0),
-            Col::new(svc.name.clone(), theme.title(false), name_width, 0),
-            Col::new(svc.state.label(), theme.state(svc.state), 12, 0),
-            Col::new(id, theme.dim(), 12, 2),
-            Col::new(port, theme.title(false), 6, 1),
-            Col::new(uptime, theme.dim(), 9, 3),
-            Col::new(note, note_style, 0, 4),
-        ],
-        width,
-    )
+    let mut cols = vec![
+        Col::new(cursor, theme.selected(false), 1, 0),
+        Col::new(svc.name.clone(), theme.title(false), name_width, 0),
+        Col::new(svc.state.label(), theme.state(svc.state), 12, 0),
+    ];
+    // The address to open first; the instance's own port (it changes with every swap) second.
+    if let Some(url) = &svc.url {
+        let w = u16::try_from(display_width(url)).unwrap_or(u16::MAX);
+        cols.push(Col::new(url.clone(), theme.title(false), w, 1));
+        cols.push(Col::new(id, theme.dim(), 12, 2));
+        cols.push(Col::new(port, theme.dim(), 6, 3));
+    } else {
+        cols.push(Col::new(id, theme.dim(), 12, 2));
+        cols.push(Col::new(port, theme.title(false), 6, 1));
+    }
+    cols.push(Col::new(uptime, theme.dim(), 9, 3));
+    cols.push(Col::new(note, note_style, 0, 4));
+    fit(cols, width)
 }
 
 pub(super) fn builds(model: &Model, theme: &Theme, rect: Rect, buf: &mut Buffer) {

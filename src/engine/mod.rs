@@ -1,10 +1,14 @@
-//! One task per service: it owns the service's tree, watcher and build, and turns file
-//! changes, build results and shutdown into builds and events.
+//! One task per service: it owns the service's tree and watcher and runs its builds. File
+//! changes, build results, the deployer's reports and commands go in; what to build is decided
+//! by [`core::Core`], which does no I/O; `.run` and the instances belong to the service's
+//! [`Deployer`].
 //!
 //! Changes are debounced (quiet time after the last event), then only the paths named are read
 //! again. A change during a build cancels it and the newest tree is built next: at most one
 //! build runs and the newest tree always wins. A failed build leaves the live one in place and
 //! is not retried until the tree changes again.
+
+pub mod core;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,21 +20,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::control;
-use crate::event::{Command, Done, Event, EventKind};
+use self::core::{Core, Effect, Ended};
+use crate::deploy::{self, Deployer, Mode, Report, Ticket, Why};
+use crate::event::{Command, Done, EventKind, Sink};
 use crate::hash::live::Change;
 use crate::hash::{BuildId, HashSpec, LiveTree};
-use crate::log::Reporter;
 use crate::manifest::{DEFAULT_POLL, Service};
 use crate::pipeline::{self, Job, Outcome, StepsRunning};
-use crate::serve::{Report, Server};
 use crate::store::Store;
 use crate::supervisor;
 use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
-
-/// Builds in a row triggered only by files written while the previous build ran, after which
-/// rebuilding pauses.
-const LOOP_LIMIT: u32 = 3;
 
 /// The digest cache is written at most this often while watching (and always at exit): on a
 /// big tree it is tens of megabytes, and only the next start reads it.
@@ -54,7 +53,6 @@ pub struct WatchOptions {
 
 /// The build in progress.
 struct Running {
-    id: BuildId,
     /// Cancels this build only; a child of the shutdown token.
     cancel: CancellationToken,
     handle: JoinHandle<anyhow::Result<Outcome>>,
@@ -62,58 +60,33 @@ struct Running {
     steps: StepsRunning,
 }
 
-/// Detects builds that keep triggering themselves.
-#[derive(Default)]
-struct LoopGuard {
-    /// Paths events named while the current build ran (relative to the root).
-    written_now: BTreeSet<String>,
-    /// Those of the previous build.
-    written_by_last: BTreeSet<String>,
-    /// Builds in a row triggered only by such paths.
-    count: u32,
-    /// Set while rebuilding is paused.
-    paused: bool,
-}
-
 /// The state of one service's watch; owned by its task alone.
 struct Engine {
     svc: Arc<Service>,
     store: Store,
-    reporter: Arc<Reporter>,
+    sink: Arc<Sink>,
     shutdown: CancellationToken,
+    /// The decisions.
+    core: Core,
+    /// The owner of `.run` and the instances; what `.run` holds is read from it.
+    deployer: Deployer,
     /// Taken out while a blocking task updates it.
     tree: Option<LiveTree>,
     watcher: Option<DirWatcher>,
     /// `Some(interval)` when the tree is polled instead of watched.
     poll: Option<Duration>,
-    /// The id `.run` holds.
-    live: Option<BuildId>,
-    /// A tree id not to build on its own: its build failed or was unhealthy, or it was rolled
-    /// back from. Building resumes when the tree changes (or on a forced build).
-    skip: Option<BuildId>,
-    /// The next build is forced (the `b` key, `build --force`).
-    force_next: bool,
-    /// Commands waiting for the end of the next build.
+    /// Commands waiting for the end of the next build (and then for it to be live).
     build_waiters: Vec<oneshot::Sender<Done>>,
-    /// Commands waiting for an archive to be served (or found unhealthy).
-    live_waiters: Vec<(String, oneshot::Sender<Done>)>,
     building: Option<Running>,
     /// Paths named by events since the last update, and why the whole tree must be looked at.
     pending: BTreeSet<PathBuf>,
     rescan: Option<String>,
-    /// When the pending changes are quiet long enough to be processed.
-    deadline: Option<tokio::time::Instant>,
     /// What the paths of a quiet period's first events changed, read at once (see
     /// [`Engine::read_ahead`]); taken when the period ends.
     early: Option<Change>,
     /// `decide` was called while `early` was pending: the period's end must decide, whatever
     /// it finds.
     deferred: bool,
-    /// Paths changed since the last build started, for `build_started`.
-    changed: BTreeSet<String>,
-    guard: LoopGuard,
-    /// The proxy and instances, for a service with `run`.
-    server: Option<Server>,
     /// The manifest: an edit is reported (it applies at the next start).
     manifest_path: PathBuf,
     manifest_warned: bool,
@@ -121,70 +94,38 @@ struct Engine {
     saved_at: Instant,
 }
 
-/// Watches `svc` until `shutdown`: builds at start if needed, then after every change, and
-/// carries out the `commands` of the TUI and of the control socket.
+/// Watches `svc` until `shutdown`: serves what `.run` holds at once, builds if the tree
+/// differs, then after every change, and carries out `commands` (of the TUI and of the control
+/// socket). The caller holds the root's lock.
 pub async fn run(
     svc: Arc<Service>,
+    store: Store,
     manifest_path: PathBuf,
     opts: WatchOptions,
-    reporter: Arc<Reporter>,
+    sink: Arc<Sink>,
     shutdown: CancellationToken,
-    commands: (
-        mpsc::UnboundedSender<Command>,
-        mpsc::UnboundedReceiver<Command>,
-    ),
+    mut commands: mpsc::UnboundedReceiver<Command>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let store = Store::new(&svc.root);
-    let _lock = store.lock("pmesh-dev watch")?;
-    store.recover()?;
-    let (command_tx, mut commands) = commands;
-    match control::listen(&svc.root) {
-        Ok(listener) => {
-            tokio::spawn(control::serve(
-                listener,
-                svc.name.clone(),
-                command_tx,
-                reporter.clone(),
-                shutdown.clone(),
-            ));
-        }
-        // Watching still works; only commands from other shells cannot reach this watch
-        // (they then fail on the root's lock, naming this process).
-        Err(e) => reporter.emit(&Event::now(
-            &svc.name,
-            EventKind::Warning {
-                message: format!(
-                    "no control socket at {} ({e}); `build` and `rollback` from other shells \
-                     cannot reach this watch",
-                    control::socket_path(&svc.root).display()
-                ),
-            },
-        )),
-    }
     let reaped = tokio::task::block_in_place(|| supervisor::reap_leftovers(&store));
     if reaped > 0 {
-        reporter.emit(&Event::now(
+        sink.now(
             &svc.name,
             EventKind::Warning {
                 message: format!("stopped {reaped} instance(s) left by an earlier pmesh-dev"),
             },
-        ));
+        );
     }
-    let (report_tx, mut reports) = mpsc::unbounded_channel();
-    let server = match svc.run {
-        Some(_) => Some(
-            Server::start(
-                svc.clone(),
-                store.clone(),
-                reporter.clone(),
-                shutdown.clone(),
-                report_tx,
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let (deployer, mut reports, tasks) = Deployer::start(
+        svc.clone(),
+        store.clone(),
+        sink.clone(),
+        shutdown.clone(),
+        Mode::Watch,
+    )
+    .await?;
+    // The live build serves while the tree is hashed and, if it changed, built.
+    deployer.serve();
 
     let (tree, warnings) = {
         let (svc, manifest_path) = (svc.clone(), manifest_path.clone());
@@ -196,9 +137,10 @@ pub async fn run(
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut engine = Engine {
-        live: store.live_id(),
+        core: Core::new(svc.debounce),
+        deployer,
         store,
-        reporter,
+        sink,
         shutdown: shutdown.clone(),
         watcher: None,
         poll: if opts.poll {
@@ -208,19 +150,12 @@ pub async fn run(
         },
         svc,
         tree: Some(tree),
-        skip: None,
-        force_next: false,
         build_waiters: Vec::new(),
-        live_waiters: Vec::new(),
         building: None,
         pending: BTreeSet::new(),
         rescan: None,
-        deadline: None,
         early: None,
         deferred: false,
-        changed: BTreeSet::new(),
-        guard: LoopGuard::default(),
-        server,
         manifest_path,
         manifest_warned: false,
         saved_at: Instant::now(),
@@ -257,20 +192,15 @@ pub async fn run(
         }
         .to_owned(),
         startup_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        url: deploy::url_of(&engine.svc).filter(|_| engine.svc.serves()),
     });
     engine.decide();
-    if engine.building.is_none()
-        && let (Some(server), Some(archive), Some(id)) =
-            (&engine.server, engine.store.live(), engine.store.live_id())
-    {
-        server.deploy(archive, id);
-    }
 
     let mut poll_tick = tokio::time::interval(engine.poll.unwrap_or(DEFAULT_POLL));
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll_tick.tick().await;
     loop {
-        let deadline = engine.deadline;
+        let deadline = engine.core.quiet_at();
         let polling = engine.poll.is_some();
         // Biased: events are taken before a build's end is handled, so that whatever the build
         // wrote (inotify reports it before the build's exit is even noticed) counts as written
@@ -284,7 +214,7 @@ pub async fn run(
             },
             done = wait(&mut engine.building) => engine.on_build_done(done),
             Some(report) = reports.recv() => engine.on_report(report),
-            Some(command) = commands.recv() => engine.on_command(command),
+            Some(command) = commands.recv() => engine.on_command(command).await,
             _ = sleep_until(deadline), if deadline.is_some() => engine.process().await?,
             _ = poll_tick.tick(), if polling => {
                 engine.rescan.get_or_insert_with(|| "poll".to_owned());
@@ -296,21 +226,14 @@ pub async fn run(
         b.cancel.cancel();
         let _ = b.handle.await;
     }
-    let stopping = || Done::new(130, "pmesh-dev watch is stopping");
     for w in engine.build_waiters.drain(..) {
-        let _ = w.send(stopping());
-    }
-    for (_, w) in engine.live_waiters.drain(..) {
-        let _ = w.send(stopping());
+        let _ = w.send(Done::new(130, "pmesh-dev watch is stopping"));
     }
     if let Some(mut tree) = engine.tree.take() {
         tokio::task::block_in_place(|| tree.save_cache());
     }
-    if let Some(server) = engine.server.take() {
-        server.stopped().await;
-    }
-    // Removed here rather than by the socket's task, which the runtime may drop first.
-    let _ = std::fs::remove_file(control::socket_path(engine.store.root()));
+    drop(engine);
+    tasks.stopped().await;
     Ok(())
 }
 
@@ -332,7 +255,7 @@ async fn wait(
 
 impl Engine {
     fn emit(&self, kind: EventKind) {
-        self.reporter.emit(&Event::now(&self.svc.name, kind));
+        self.sink.now(&self.svc.name, kind);
     }
 
     fn tree(&self) -> &LiveTree {
@@ -392,7 +315,7 @@ impl Engine {
                     return;
                 }
                 if self.building.as_ref().is_some_and(|b| b.steps.get()) {
-                    self.guard.written_now.extend(rels);
+                    self.core.written_while_building(rels);
                 }
             }
             WatchMsg::Rescan(reason) => {
@@ -400,8 +323,7 @@ impl Engine {
             }
             WatchMsg::Error(message) => self.emit(EventKind::Warning { message }),
         }
-        let first = self.deadline.is_none();
-        self.deadline = Some(tokio::time::Instant::now() + self.svc.debounce);
+        let first = self.core.touched(tokio::time::Instant::now());
         if first && named_paths && self.rescan.is_none() && !self.pending.is_empty() {
             self.read_ahead();
         }
@@ -434,7 +356,7 @@ impl Engine {
 
     /// Brings the tree up to date with the pending changes, then decides what to build.
     async fn process(&mut self) -> anyhow::Result<()> {
-        self.deadline = None;
+        self.core.quiet();
         let paths: Vec<PathBuf> = std::mem::take(&mut self.pending).into_iter().collect();
         let rescan = self.rescan.take();
         if let Some(reason) = &rescan
@@ -478,7 +400,7 @@ impl Engine {
                 // As without the read-ahead: nothing builds until the next event; what was
                 // read ahead is named by that build.
                 if let Some(early) = early {
-                    self.changed.extend(early.changed);
+                    self.core.changed(early.changed);
                 }
                 if self.deferred {
                     self.decide();
@@ -508,7 +430,7 @@ impl Engine {
             self.emit(EventKind::Warning { message });
         }
         if rules_reloaded {
-            self.guard = LoopGuard::default();
+            self.core.rules_reloaded();
         }
         if changed.is_empty() {
             if self.deferred {
@@ -516,18 +438,7 @@ impl Engine {
             }
             return Ok(());
         }
-        let self_triggered = changed
-            .iter()
-            .all(|p| self.guard.written_now.contains(p) || self.guard.written_by_last.contains(p));
-        self.changed.extend(changed);
-        if self.guard.paused {
-            // Nothing builds while paused, so whatever changed now came from elsewhere.
-            self.guard = LoopGuard::default();
-        } else if self_triggered {
-            self.guard.count += 1;
-        } else {
-            self.guard.count = 0;
-        }
+        self.core.changed(changed);
         self.decide();
         Ok(())
     }
@@ -554,51 +465,50 @@ impl Engine {
             return;
         }
         self.deferred = false;
-        let id = self.tree().id();
-        if let Some(b) = &self.building {
-            if b.id != id && !b.cancel.is_cancelled() {
-                // A newer tree: this build is stale. The next starts once it has stopped.
-                b.cancel.cancel();
+        let tree = self.tree().id();
+        let live = self.deployer.run().id;
+        let effects = self.core.decide(tree, live, self.shutdown.is_cancelled());
+        self.apply(effects);
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Start { id, force, changed } => self.start_build(id, force, changed),
+                Effect::Cancel => {
+                    if let Some(b) = &self.building {
+                        b.cancel.cancel();
+                    }
+                }
+                Effect::Recovered { id } => self.emit(EventKind::UpToDate {
+                    id: id.to_string(),
+                    archive: self.deployer.run().archive,
+                }),
+                Effect::LoopDetected { paths, patterns } => {
+                    self.emit(EventKind::LoopDetected { paths, patterns });
+                }
             }
-            return;
         }
-        let force = std::mem::take(&mut self.force_next);
-        if !force
-            && (Some(id) == self.live || Some(id) == self.skip || self.shutdown.is_cancelled())
-        {
-            self.changed.clear();
-            return;
-        }
-        if self.guard.count >= LOOP_LIMIT {
-            self.guard.paused = true;
-            self.guard.count = 0;
-            let paths: Vec<String> = self.changed.iter().cloned().collect();
-            let patterns = suggest_patterns(&paths);
-            self.changed.clear();
-            self.emit(EventKind::LoopDetected { paths, patterns });
-            return;
-        }
+    }
+
+    fn start_build(&mut self, id: BuildId, force: bool, changed: Vec<String>) {
         let cancel = self.shutdown.child_token();
-        let changed: Vec<String> = std::mem::take(&mut self.changed).into_iter().collect();
         let steps = StepsRunning::default();
         let handle = tokio::spawn({
             let svc = self.svc.clone();
             let store = self.store.clone();
-            let reporter = self.reporter.clone();
+            let deployer = self.deployer.clone();
+            let sink = self.sink.clone();
             let cancel = cancel.clone();
-            let steps = steps.clone();
             let job = Job {
                 id,
                 changed,
                 force,
-                in_use: self.server.as_ref().map(Server::in_use).unwrap_or_default(),
-                steps,
+                steps: steps.clone(),
             };
-            async move { pipeline::build_id(&svc, &store, job, &reporter, &cancel).await }
+            async move { pipeline::build_id(&svc, &store, &deployer, job, &sink, &cancel).await }
         });
-        self.guard.written_now.clear();
         self.building = Some(Running {
-            id,
             cancel,
             handle,
             steps,
@@ -607,48 +517,48 @@ impl Engine {
 
     fn on_build_done(&mut self, done: Result<anyhow::Result<Outcome>, tokio::task::JoinError>) {
         self.building = None;
-        self.guard.written_by_last = std::mem::take(&mut self.guard.written_now);
-        let done = match done {
-            Ok(Ok(Outcome::Built { id, archive } | Outcome::Reused { id, archive })) => {
-                self.live = Some(id);
-                self.skip = None;
-                let done = Done::new(0, format!("built {} -> {archive}", id.short()));
-                if let Some(server) = &self.server {
-                    server.deploy(archive, id);
-                }
-                Some(done)
+        let (ended, done) = match done {
+            Ok(Ok(Outcome::Built { ticket, .. } | Outcome::Reused { ticket, .. })) => {
+                (Ended::Good, Answer::When(ticket))
             }
-            Ok(Ok(Outcome::UpToDate(id))) => {
-                self.live = Some(id);
-                self.skip = None;
-                Some(Done::new(0, format!("up to date ({})", id.short())))
-            }
+            Ok(Ok(Outcome::UpToDate(id))) => (
+                Ended::Good,
+                Answer::Now(Done::new(0, format!("up to date ({})", id.short()))),
+            ),
             Ok(Ok(Outcome::Failed { id, error })) => {
-                self.skip = Some(id);
-                if let Some(server) = &self.server {
-                    server.build_failed(error.clone());
-                }
-                Some(Done::new(1, error))
+                self.deployer.build_failed(error.clone());
+                (Ended::Failed(id), Answer::Now(Done::new(1, error)))
             }
             // A newer tree is built next; whoever waits gets that outcome.
-            Ok(Ok(Outcome::Cancelled)) => None,
+            Ok(Ok(Outcome::Cancelled)) => (Ended::Cancelled, Answer::Later),
             Ok(Err(e)) => {
+                let message = format!("{e:#}");
                 self.emit(EventKind::Warning {
-                    message: format!("{e:#}"),
+                    message: message.clone(),
                 });
-                Some(Done::new(1, format!("{e:#}")))
+                (Ended::Error, Answer::Now(Done::new(1, message)))
             }
             Err(e) => {
+                let message = format!("the build task failed: {e}");
                 self.emit(EventKind::Warning {
-                    message: format!("the build task failed: {e}"),
+                    message: message.clone(),
                 });
-                Some(Done::new(1, format!("the build task failed: {e}")))
+                (Ended::Error, Answer::Now(Done::new(1, message)))
             }
         };
-        if let Some(done) = done {
-            for w in self.build_waiters.drain(..) {
-                let _ = w.send(done.clone());
+        self.core.build_done(ended);
+        match done {
+            Answer::Now(done) => {
+                for w in self.build_waiters.drain(..) {
+                    let _ = w.send(done.clone());
+                }
             }
+            Answer::When(ticket) => {
+                for w in self.build_waiters.drain(..) {
+                    answer_when(ticket.clone(), w);
+                }
+            }
+            Answer::Later => {}
         }
         if self.saved_at.elapsed() >= SAVE_EVERY
             && let Some(tree) = self.tree.as_mut()
@@ -659,139 +569,97 @@ impl Engine {
         self.decide();
     }
 
-    /// The server undid an unhealthy build: do not build that tree again until it changes,
-    /// and serve whatever `.run` went back to.
+    /// The deployer undid an unhealthy build: do not build that tree again until it changes.
     fn on_report(&mut self, report: Report) {
         match report {
-            Report::Unhealthy { id, archive, live } => {
-                self.skip = Some(id);
-                self.live = live;
-                self.answer_live_waiters(
-                    &archive,
-                    Done::new(1, format!("{archive} never became healthy; .run went back")),
-                );
-                if let (Some(server), Some(archive), Some(id)) =
-                    (&self.server, self.store.live(), live)
-                {
-                    server.deploy(archive, id);
-                }
+            Report::Unhealthy { id } => {
+                self.core.unhealthy(id);
+                self.decide();
             }
-            Report::Live { id, archive } => {
-                let done = Done::new(0, format!("{archive} ({}) is serving", id.short()));
-                self.answer_live_waiters(&archive, done);
-            }
-        }
-    }
-
-    fn answer_live_waiters(&mut self, archive: &str, done: Done) {
-        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.live_waiters)
-            .into_iter()
-            .partition(|(a, _)| a == archive);
-        self.live_waiters = rest;
-        for (_, w) in ready {
-            let _ = w.send(done.clone());
+            Report::NothingServes { .. } => {}
         }
     }
 
     /// Carries out a command of the TUI or the control socket.
-    fn on_command(&mut self, command: Command) {
+    async fn on_command(&mut self, command: Command) {
         match command {
             Command::Build { force, reply } => {
-                if force {
-                    self.force_next = true;
-                } else {
-                    self.skip = None;
-                }
-                if let Some(b) = &self.building {
-                    if force {
-                        b.cancel.cancel();
-                    }
-                } else {
+                let effects = self.core.build_requested(force);
+                self.apply(effects);
+                if !self.core.is_building() {
                     self.decide();
                 }
-                match (reply, self.building.is_some()) {
+                match (reply, self.core.is_building()) {
                     (Some(r), true) => self.build_waiters.push(r),
                     (Some(r), false) => {
+                        // Said as the one-shot `build` says it, for the shell that asked.
+                        let run = self.deployer.run();
                         let id = self.tree().id();
+                        if run.id == Some(id) {
+                            self.emit(EventKind::UpToDate {
+                                id: id.to_string(),
+                                archive: run.archive,
+                            });
+                        }
                         let _ = r.send(Done::new(0, format!("up to date ({})", id.short())));
                     }
                     (None, _) => {}
                 }
             }
-            Command::Rollback { build, reply } => {
-                let done = self.rollback(build.as_deref());
-                match (done, reply) {
-                    (Ok(archive), Some(r)) if self.server.is_some() => {
-                        self.live_waiters.push((archive, r));
+            Command::Rollback { build, reply } => match self.rollback(build.as_deref()).await {
+                Ok(ticket) => {
+                    if let Some(r) = reply {
+                        answer_when(ticket, r);
                     }
-                    (Ok(archive), Some(r)) => {
-                        let _ = r.send(Done::new(0, format!(".run -> {archive}")));
-                    }
-                    (Err(done), Some(r)) => {
+                }
+                Err(done) => match reply {
+                    Some(r) => {
                         let _ = r.send(done);
                     }
-                    (Err(done), None) => self.emit(EventKind::Warning {
+                    None => self.emit(EventKind::Warning {
                         message: done.message,
                     }),
-                    (Ok(_), None) => {}
+                },
+            },
+            Command::Restart { reply } => {
+                let ticket = self.deployer.restart().await;
+                if let Some(r) = reply {
+                    answer_when(ticket, r);
                 }
             }
-            Command::Restart { reply } => match (&self.server, self.store.live()) {
-                (Some(server), Some(archive)) => {
-                    server.restart();
-                    if let Some(r) = reply {
-                        self.live_waiters.push((archive, r));
-                    }
-                }
-                _ => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Done::new(
-                            2,
-                            format!("service `{}` has nothing to restart", self.svc.name),
-                        ));
-                    }
-                }
-            },
         }
     }
 
-    /// Re-points `.run` (the engine holds the root's lock) and serves the build it points to
-    /// now; the tree that was live is not rebuilt until it changes.
-    fn rollback(&mut self, build: Option<&str>) -> Result<String, Done> {
-        let live = self.store.live();
+    /// Has the deployer re-point `.run` and serve the build it points to now; the tree that
+    /// was live is not rebuilt until it changes.
+    async fn rollback(&mut self, build: Option<&str>) -> Result<Ticket, Done> {
         let (archive, id) = pipeline::rollback_target(&self.svc, &self.store, build)
             .map_err(|e| Done::new(e.code(), e.to_string()))?;
-        if let Some(b) = &self.building {
-            // A build finishing now would flip `.run` away from the rollback.
-            b.cancel.cancel();
-        }
-        self.store
-            .point_run(&archive.name)
-            .map_err(|e| Done::new(1, e.to_string()))?;
-        self.live = Some(id);
-        self.skip = Some(self.tree().id());
-        self.emit(EventKind::Rollback {
-            from: live,
-            to: archive.name.clone(),
-            id: Some(id.to_string()),
-        });
-        if let Some(server) = &self.server {
-            server.deploy(archive.name.clone(), id);
-        }
-        Ok(archive.name)
+        // A build finishing now would flip `.run` away from the rollback: it is cancelled, and
+        // the deployer refuses its publication once cancelled.
+        let effects = self.core.rolled_back(self.tree().id());
+        self.apply(effects);
+        self.deployer
+            .publish(&archive.name, id, Why::Rollback, None)
+            .await
+            .map_err(|e| Done::new(1, e.to_string()))
     }
 }
 
-/// Ignore patterns that would keep `paths` out of the tree: their top directory, or the file.
-fn suggest_patterns(paths: &[String]) -> Vec<String> {
-    let mut out = BTreeSet::new();
-    for p in paths {
-        match p.split_once('/') {
-            Some((dir, _)) => out.insert(format!("/{dir}/")),
-            None => out.insert(format!("/{p}")),
-        };
-    }
-    out.into_iter().collect()
+/// How the commands waiting for a build are answered.
+enum Answer {
+    Now(Done),
+    /// Once the build is live (or undone).
+    When(Ticket),
+    /// With the next build's answer.
+    Later,
+}
+
+/// Sends `ticket`'s end to `reply` once it comes, without holding up the loop.
+fn answer_when(ticket: Ticket, reply: oneshot::Sender<Done>) {
+    tokio::spawn(async move {
+        let _ = reply.send(ticket.done().await);
+    });
 }
 
 /// Adds what `other` changed to `into`; their watches were updated already.
