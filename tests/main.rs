@@ -4,6 +4,7 @@
 mod util;
 
 mod build;
+mod cache;
 mod control;
 mod firsthour;
 mod hash;
