@@ -61,6 +61,9 @@ pub enum Command {
         /// One JSON event per line on stdout.
         #[arg(long)]
         json: bool,
+        /// Upload the build to the manifest's [cache] before exiting (fills a team's cache).
+        #[arg(long)]
+        push: bool,
     },
     /// Print the build id of a service or of any directory.
     Hash {
@@ -147,7 +150,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             services,
             force,
             json,
-        } => build(manifest, &services, force, json),
+            push,
+        } => build(manifest, &services, force, json, push),
         Command::Hash {
             target,
             list,
@@ -378,8 +382,20 @@ fn remote_code(name: &str, done: std::io::Result<crate::event::Done>) -> u8 {
     }
 }
 
-fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> Result<u8> {
+fn build(
+    manifest: Option<&Path>,
+    names: &[String],
+    force: bool,
+    json: bool,
+    push: bool,
+) -> Result<u8> {
     let m = load_manifest(manifest)?;
+    if push && m.cache.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--push needs a [cache] table in {}",
+            m.path.display()
+        )));
+    }
     let services = selected(&m, names)?;
     let printer = plain_or_json(json, services.len());
     crate::builder::force_colour(!json && crate::log::colour_terminal());
@@ -399,7 +415,12 @@ fn build(manifest: Option<&Path>, names: &[String], force: bool, json: bool) -> 
                 if let Some(done) = control::request(&svc.root, &request, |e| sink.emit(&e)).await {
                     return (name, Remote(done));
                 }
-                let outcome = pipeline::build(svc, manifest, force, sink, cancel).await;
+                let outcome =
+                    pipeline::build(svc.clone(), manifest, force, sink.clone(), cancel).await;
+                // The team's cache (issue 14): the upload finishes before the command exits.
+                if let Some(e) = crate::cache::push_after_build(&svc, &outcome, push, &sink).await {
+                    return (name, Local(Err(e)));
+                }
                 (name, Local(outcome))
             });
         }

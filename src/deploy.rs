@@ -726,6 +726,10 @@ impl Actor {
             port: c.inst.port,
             url: self.url.clone(),
         });
+        // The team's cache (issue 14): upload what `watch` proved live, in the background.
+        if self.mode == Mode::Watch {
+            crate::cache::push_in_background(&self.svc, &archive, id, &self.sink);
+        }
         let old = std::mem::replace(
             &mut self.phase,
             Phase::Serving(Serving {

@@ -120,6 +120,20 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// Build `id` came from the team's cache (issue 14): a new archive that `.run` now points
+    /// to; no step ran. `bytes` were downloaded in `duration_ms`.
+    Fetched {
+        id: String,
+        archive: String,
+        bytes: u64,
+        duration_ms: u64,
+    },
+    /// Build `id` was uploaded to the team's cache: `bytes` in `duration_ms`.
+    Pushed {
+        id: String,
+        bytes: u64,
+        duration_ms: u64,
+    },
     /// Old archives deleted by retention.
     Pruned {
         removed: Vec<String>,

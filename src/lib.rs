@@ -2,6 +2,7 @@
 //! archives and flips a `.run` symlink atomically.
 
 pub mod builder;
+pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod deploy;

@@ -257,6 +257,30 @@ impl Printer {
             EventKind::Stopped { id, port, .. } => {
                 format!("stopped the instance of {} on port {port}", short(id))
             }
+            EventKind::Fetched {
+                id,
+                archive,
+                bytes,
+                duration_ms,
+            } => self.paint(
+                GREEN,
+                &format!(
+                    "fetched {} from the cache ({} in {}) -> {archive}",
+                    short(id),
+                    human_bytes(*bytes),
+                    human_ms(*duration_ms)
+                ),
+            ),
+            EventKind::Pushed {
+                id,
+                bytes,
+                duration_ms,
+            } => format!(
+                "pushed {} to the cache ({} in {})",
+                short(id),
+                human_bytes(*bytes),
+                human_ms(*duration_ms)
+            ),
             EventKind::Pruned { removed } => {
                 format!("removed old builds: {}", removed.join(", "))
             }
@@ -298,6 +322,16 @@ impl Printer {
             EventKind::Output { .. } => return None,
         };
         Some(format!("{head}  {body}"))
+    }
+}
+
+/// `512 B`, `3.4 MB`.
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1000 => format!("{n} B"),
+        1000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
     }
 }
 

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -26,7 +27,32 @@ pub struct Manifest {
     pub dir: PathBuf,
     /// Services in the order the manifest lists them.
     pub services: Vec<Service>,
+    /// The team's build cache, when the manifest has a `[cache]` table.
+    pub cache: Option<Arc<CacheSettings>>,
 }
+
+/// The top-level `[cache]` table: where builds are shared, and how they are trusted. Holds no
+/// credential: those come from the environment when the store is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// `s3://bucket/prefix`, `http(s)://host/path` (WebDAV) or `file:///path`, without a
+    /// trailing `/`.
+    pub url: String,
+    /// Upload what this machine builds.
+    pub push: bool,
+    /// Ed25519 public keys (32 bytes each); when any is given, only entries signed by one of
+    /// them are used.
+    pub trusted_keys: Vec<[u8; 32]>,
+    /// A PKCS#8 PEM file holding the Ed25519 key that signs pushed entries.
+    pub signing_key: Option<PathBuf>,
+    /// The most an entry may hold, unpacked (and downloaded).
+    pub max_size: u64,
+    /// How long to wait for the store to accept a connection.
+    pub connect_timeout: Duration,
+}
+
+/// The largest entry fetched when `max_size` is not given: 2 GiB.
+pub const DEFAULT_CACHE_MAX_SIZE: u64 = 2 << 30;
 
 /// One service, resolved and checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +84,8 @@ pub struct Service {
     pub ignore: Vec<String>,
     /// Quiet time after the last change before hashing.
     pub debounce: Duration,
+    /// The manifest's `[cache]` table, shared by all its services.
+    pub cache: Option<Arc<CacheSettings>>,
     /// Look at the tree at this interval instead of using inotify (network or virtual
     /// filesystems).
     pub poll: Option<Duration>,
@@ -193,6 +221,71 @@ const SERVICE_KEYS: &[&str] = &[
 struct RawManifest {
     #[serde(default)]
     services: BTreeMap<Spanned<String>, Spanned<RawService>>,
+    cache: Option<Spanned<RawCache>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    url: Spanned<String>,
+    #[serde(default)]
+    push: bool,
+    #[serde(default)]
+    trusted_keys: Vec<Spanned<String>>,
+    signing_key: Option<Spanned<String>>,
+    max_size: Option<Spanned<Size>>,
+    connect_timeout: Option<Dur>,
+}
+
+/// A size: a number of bytes, or a string like `"500MB"` or `"2GiB"`.
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of bytes or a size like \"500MB\" or \"2GiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(Size)
+                    .ok_or_else(|| E::custom(format!("a size must be above zero, not {n}")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Size, E> {
+                parse_size(s).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `123`, `500kB`, `500MB`, `2GB` (powers of 1000) or `KiB`, `MiB`, `GiB` (of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad =
+        || format!("invalid size `{s}`: write a whole number and a unit, like `500MB` or `2GiB`");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("a size must be above zero, not `{s}`")),
+        Some(v) => Ok(v),
+        None => Err(bad()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -470,6 +563,10 @@ impl Manifest {
             let span = e.span().unwrap_or(0..0);
             located(span, &friendly_message(e.message()))
         })?;
+        let cache = match raw.cache {
+            Some(c) => Some(Arc::new(cache_settings(&dir, c.into_inner(), &located)?)),
+            None => None,
+        };
         if raw.services.is_empty() {
             return Err(located(
                 0..0,
@@ -694,6 +791,7 @@ impl Manifest {
                 keep: raw.keep.map_or(2, |k| k.0),
                 ignore,
                 debounce: raw.debounce.map_or(Duration::from_millis(50), |d| d.0),
+                cache: cache.clone(),
                 poll: raw.poll.and_then(|p| p.0),
                 protocol: raw.protocol.unwrap_or_default(),
                 reload: raw.reload.unwrap_or(true),
@@ -731,6 +829,7 @@ impl Manifest {
             path: path.to_path_buf(),
             dir,
             services,
+            cache,
         })
     }
 
@@ -820,6 +919,85 @@ fn find_cycle(services: &[Service]) -> Option<Vec<String>> {
     services
         .iter()
         .find_map(|s| visit(s, services, &mut Vec::new(), &mut done))
+}
+
+/// Checks the `[cache]` table: a URL the store understands, with no credential in it, and keys
+/// that decode.
+fn cache_settings(
+    dir: &Path,
+    raw: RawCache,
+    located: &dyn Fn(Range<usize>, &str) -> ManifestError,
+) -> Result<CacheSettings, ManifestError> {
+    let span = raw.url.span();
+    let url = raw.url.into_inner();
+    let url = url.trim().trim_end_matches('/').to_owned();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(located(
+            span,
+            &format!(
+                "invalid cache url `{url}`: write s3://bucket/prefix, https://host/path or file:///path"
+            ),
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    match scheme {
+        "s3" | "http" | "https" if authority.is_empty() => {
+            return Err(located(
+                span,
+                &format!("cache url `{url}` names no bucket or host"),
+            ));
+        }
+        "s3" | "http" | "https" => {}
+        "file" if rest.starts_with('/') => {}
+        "file" => {
+            return Err(located(
+                span,
+                &format!(
+                    "cache url `{url}`: a file:// url needs an absolute path, like file:///srv/cache"
+                ),
+            ));
+        }
+        other => {
+            return Err(located(
+                span,
+                &format!(
+                    "cache url scheme `{other}` is not supported: use s3://, http://, https:// or file://"
+                ),
+            ));
+        }
+    }
+    // The manifest is committed and shared: a credential in it would leak to everyone.
+    if authority.contains('@') || url.contains('?') {
+        return Err(located(
+            span,
+            "a cache url holds no credentials or query: set AWS_* variables for S3, PMESH_CACHE_TOKEN for HTTP",
+        ));
+    }
+    let mut trusted_keys = Vec::with_capacity(raw.trusted_keys.len());
+    for k in raw.trusted_keys {
+        match crate::cache::sign::parse_public_key(k.get_ref()) {
+            Ok(key) => trusted_keys.push(key),
+            Err(e) => return Err(located(k.span(), &format!("invalid trusted key: {e}"))),
+        }
+    }
+    let signing_key = raw.signing_key.map(|k| {
+        let p = k.into_inner();
+        match p.strip_prefix("~/") {
+            Some(rest) => std::env::var_os("HOME")
+                .map_or_else(|| dir.join(&p), |h| PathBuf::from(h).join(rest)),
+            None => dir.join(&p),
+        }
+    });
+    Ok(CacheSettings {
+        url,
+        push: raw.push,
+        trusted_keys,
+        signing_key,
+        max_size: raw
+            .max_size
+            .map_or(DEFAULT_CACHE_MAX_SIZE, |s| s.into_inner().0),
+        connect_timeout: raw.connect_timeout.map_or(Duration::from_secs(2), |d| d.0),
+    })
 }
 
 /// Turns serde's wording into the manifest's: keys, not fields, with a suggestion.

@@ -175,6 +175,21 @@ pub async fn build_id(
         }
     }
 
+    // The team's cache (issue 14): a build of this id made elsewhere, fetched instead of run.
+    // A fetched build is a new archive, like a built one; the `fetched` event tells them apart.
+    if !force && let Some(f) = crate::cache::fetch(svc, store, id, sink, cancel).await {
+        let Some(ticket) = publish_new(store, deployer, &f.archive, id, cancel).await? else {
+            emit(EventKind::Cancelled { id: id.to_string() });
+            return Ok(Outcome::Cancelled);
+        };
+        emit(f.event(id));
+        return Ok(Outcome::Built {
+            id,
+            archive: f.archive,
+            ticket,
+        });
+    }
+
     emit(EventKind::BuildStarted {
         id: id.to_string(),
         changed,
@@ -198,12 +213,8 @@ pub async fn build_id(
             let archive = store.commit(id, duration, Some(log_name))?;
             // Cancelled after its steps (by a rollback): archived, for a later reuse, but not
             // put live.
-            let published = publish(deployer, &archive.name, id, cancel).await;
-            if !matches!(published, Ok(Some(_))) {
-                // Kept for a later reuse, but no longer on its way to `.run`.
-                store.settle(&archive.name);
-            }
-            let Some(ticket) = published? else {
+            let Some(ticket) = publish_new(store, deployer, &archive.name, id, cancel).await?
+            else {
                 emit(EventKind::Cancelled { id: id.to_string() });
                 return Ok(Outcome::Cancelled);
             };
@@ -241,6 +252,22 @@ pub async fn build_id(
             })
         }
     }
+}
+
+/// Publishes an archive this build just made; one that is not published (cancelled, or `.run`
+/// could not move) is kept for a later reuse, but no longer counts as on its way to `.run`.
+async fn publish_new(
+    store: &Store,
+    deployer: &Deployer,
+    archive: &str,
+    id: BuildId,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<Ticket>> {
+    let published = publish(deployer, archive, id, cancel).await;
+    if !matches!(published, Ok(Some(_))) {
+        store.settle(archive);
+    }
+    published
 }
 
 /// Has the deployer point `.run` at `archive`; `None` if `cancel` fired first.

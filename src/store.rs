@@ -330,6 +330,19 @@ impl Store {
             let f = build.join(BUILDID_FILE);
             fs::write(&f, format!("{id}\n")).map_err(io_err("cannot write", &f))?;
         }
+        self.adopt(&build, id, duration, log)
+    }
+
+    /// Makes `dir`, a complete build of `id` on this root's file system whose `.buildid` the
+    /// caller has verified (a finished `.build`, or a verified cache download), an archive
+    /// under a new, unique, sortable name, in one rename, and records it.
+    pub fn adopt(
+        &self,
+        dir: &Path,
+        id: BuildId,
+        duration: Duration,
+        log: Option<String>,
+    ) -> Result<Archive, StoreError> {
         let mut t = SystemTime::now();
         // Creation order and uniqueness, even if the clock stepped back or two builds
         // finished within one millisecond.
@@ -345,9 +358,9 @@ impl Store {
         }
         let dest = self.root.join(&name);
         (self.pending.lock().unwrap_or_else(|e| e.into_inner())).push(name.clone());
-        if let Err(e) = fs::rename(&build, &dest) {
+        if let Err(e) = fs::rename(dir, &dest) {
             self.settle(&name);
-            return Err(io_err("cannot archive", &build)(e));
+            return Err(io_err("cannot archive", dir)(e));
         }
         let record = BuildRecord {
             id: id.to_string(),

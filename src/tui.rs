@@ -152,7 +152,11 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
         EventKind::Waiting { for_services, .. } => EngineEvent::Warning {
             message: format!("waiting for {} to be live", for_services.join(", ")),
         },
-        EventKind::Reused { .. } | EventKind::Pruned { .. } | EventKind::Rescan { .. } => {
+        EventKind::Reused { .. }
+        | EventKind::Fetched { .. }
+        | EventKind::Pushed { .. }
+        | EventKind::Pruned { .. }
+        | EventKind::Rescan { .. } => {
             return None;
         }
     })
@@ -165,6 +169,7 @@ fn touches_builds(kind: &EventKind) -> bool {
         EventKind::Watching { .. }
             | EventKind::BuildFinished { .. }
             | EventKind::Reused { .. }
+            | EventKind::Fetched { .. }
             | EventKind::UpToDate { .. }
             | EventKind::Pruned { .. }
             | EventKind::Rollback { .. }

@@ -823,3 +823,66 @@ fn init_gitignore_lines_make_git_ignore_pmesh_dev_state() {
         "git should ignore everything pmesh-dev writes"
     );
 }
+
+#[test]
+fn cache_table_errors_are_located() {
+    let svc = "[services.app]\nbuild = \"true\"\n";
+    let bad = |cache: &str, line, col, needles: &[&str]| {
+        expect_bad(&format!("[cache]\n{cache}\n{svc}"), line, col, needles);
+    };
+    bad(
+        "url = \"ftp://x/y\"",
+        2,
+        7,
+        &["`ftp` is not supported", "s3://"],
+    );
+    bad("url = \"s3:///prefix\"", 2, 7, &["names no bucket"]);
+    bad("url = \"file://relative\"", 2, 7, &["absolute path"]);
+    bad("url = \"team-builds\"", 2, 7, &["invalid cache url"]);
+    // The manifest is shared: credentials in it are refused.
+    bad(
+        "url = \"https://me:secret@host/c\"",
+        2,
+        7,
+        &["holds no credentials"],
+    );
+    bad("url = \"s3://b\"\npush = \"yes\"", 3, 8, &["wrong type"]);
+    bad(
+        "url = \"s3://b\"\ntrusted_keys = [\"AAAA\"]",
+        3,
+        17,
+        &["invalid trusted key"],
+    );
+    bad(
+        "url = \"s3://b\"\nmax_size = \"2 parsecs\"",
+        3,
+        12,
+        &["invalid size"],
+    );
+    bad(
+        "url = \"s3://b\"\nconnect_timeout = \"2\"",
+        3,
+        19,
+        &["invalid duration"],
+    );
+    bad(
+        "url = \"s3://b\"\npsuh = true",
+        3,
+        1,
+        &["did you mean `push`"],
+    );
+}
+
+#[test]
+fn a_good_cache_table_loads() {
+    let t = Tmp::new();
+    fs::create_dir_all(t.join("app")).unwrap();
+    t.write(
+        "pmesh.toml",
+        "[cache]\nurl = \"s3://team-builds/pmesh/\"\npush = true\nmax_size = \"500MiB\"\n\
+         connect_timeout = \"500ms\"\n\
+         trusted_keys = [\"MCowBQYDK2VwAyEAuB4oZlZZ3DkZsLIQZgWM8DXN2AFdj5di2VfSngixu8g=\"]\n\n\
+         [services.app]\nbuild = \"true\"\n",
+    );
+    t.run(&["hash"]).ok();
+}
