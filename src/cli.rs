@@ -47,7 +47,11 @@ pub enum Command {
         /// One JSON event per line on stdout.
         #[arg(long)]
         json: bool,
-        /// Poll the trees instead of using inotify (network or virtual filesystems).
+        /// How changes are seen: inotify (Linux), the system's native watcher (FSEvents on
+        /// macOS), or polling; `auto` picks the first the system has.
+        #[arg(long, value_enum, default_value_t = crate::watch::Backend::Auto)]
+        watcher: crate::watch::Backend,
+        /// Poll the trees (network or virtual filesystems): `--watcher poll`.
         #[arg(long)]
         poll: bool,
     },
@@ -140,8 +144,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             services,
             no_tui,
             json,
+            watcher,
             poll,
-        } => watch(manifest, &services, json, poll, no_tui),
+        } => {
+            let watcher = if poll {
+                crate::watch::Backend::Poll
+            } else {
+                watcher
+            };
+            watch(manifest, &services, json, watcher, no_tui)
+        }
         Command::Build {
             services,
             force,
@@ -191,7 +203,7 @@ fn watch(
     manifest: Option<&Path>,
     names: &[String],
     json: bool,
-    poll: bool,
+    watcher: crate::watch::Backend,
     no_tui: bool,
 ) -> Result<u8> {
     use std::io::IsTerminal;
@@ -205,7 +217,7 @@ fn watch(
         (false, false) => Format::Plain,
     };
     let reporter = Arc::new(Reporter::new(format, services.len() > 1));
-    let opts = crate::engine::WatchOptions { poll };
+    let opts = crate::engine::WatchOptions { watcher };
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = CancellationToken::new();

@@ -16,5 +16,6 @@ pub mod proxy;
 pub mod serve;
 pub mod store;
 pub mod supervisor;
+pub mod sys;
 pub mod tui;
 pub mod watch;

@@ -103,10 +103,19 @@ impl Reporter {
                 dirs,
                 mode,
                 startup_ms,
-            } => format!(
-                "watching {files} files in {dirs} directories ({mode}, ready in {})",
-                human_ms(*startup_ms)
-            ),
+                polled_dirs,
+                poll_interval_ms,
+            } => {
+                let polled = match *polled_dirs {
+                    0 => String::new(),
+                    n if n == *dirs => format!(" every {}", human_ms(*poll_interval_ms)),
+                    n => format!("; {n} polled every {}", human_ms(*poll_interval_ms)),
+                };
+                format!(
+                    "watching {files} files in {dirs} directories ({mode}{polled}, ready in {})",
+                    human_ms(*startup_ms)
+                )
+            }
             EventKind::Rescan { reason } => format!("looking at the whole tree again: {reason}"),
             EventKind::LoopDetected { paths, patterns } => self.paint(
                 RED,

@@ -1,0 +1,568 @@
+//! Polling: the directories no event reaches (past the inotify watch limit, on filesystems
+//! without events, on the BSDs) are looked at by a thread of their own, at an interval that
+//! grows with what a pass costs, so that polling takes at most [`DUTY`] of one core on average.
+//!
+//! A pass costs one `lstat` per entry: a directory's listing is read again only when its own
+//! stat changed (a directory's mtime moves with every entry added, removed or renamed in it),
+//! and a file's stat (size, mtime, ctime, inode, mode) stands for its content, as for git. What
+//! a pass finds is sent as the paths that changed, just as events would name them; the tree
+//! then reads those paths. A directory's memory is its path, its entries' names and one
+//! fingerprint per entry.
+//!
+//! A stat taken within [`RACY_MARGIN_NS`] of a change cannot vouch for the next (two writes in
+//! one timestamp tick leave it unchanged): such an entry is named again by the next pass.
+
+use std::ffi::OsStr;
+use std::hash::{BuildHasher, Hasher};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+use rayon::prelude::*;
+use rustc_hash::FxBuildHasher;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{WatchMsg, deliver};
+use crate::hash::cache::StatKey;
+
+/// The share of one core polling may take on average.
+const DUTY: f64 = 0.05;
+/// The longest a pass waits for the next, however slow passes are.
+const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// Directories looked at between two takes of the lock, so that the engine's adds and removes
+/// never wait for a whole pass.
+const CHUNK: usize = 64;
+
+/// A fingerprint that no stat gives: the entry is to be named by the next pass.
+const UNSURE: u64 = 0;
+/// The fingerprint of a directory that is gone (or unreadable).
+const GONE: u64 = 1;
+
+/// One polled directory: its path relative to the base (NUL-terminated), then each entry's name
+/// (NUL-terminated), and the fingerprints of the directory itself and of each entry.
+struct Polled {
+    names: Box<[u8]>,
+    prints: Box<[u64]>,
+}
+
+impl Polled {
+    fn rel(&self) -> &[u8] {
+        let end = self.names.iter().position(|&b| b == 0).unwrap_or(0);
+        &self.names[..end]
+    }
+
+    /// The entries' names, each with its NUL.
+    fn entries(&self) -> impl Iterator<Item = &[u8]> {
+        let start = self.rel().len() + 1;
+        self.names[start.min(self.names.len())..].split_inclusive(|&b| b == 0)
+    }
+}
+
+#[derive(Default)]
+struct Set {
+    dirs: Vec<Polled>,
+    /// Indices into `dirs`, by the hash of the relative path.
+    index: HashTable<u32>,
+}
+
+fn hash(rel: &[u8]) -> u64 {
+    let mut h = FxBuildHasher.build_hasher();
+    h.write(rel);
+    h.finish()
+}
+
+impl Set {
+    fn find(&self, rel: &[u8]) -> Option<usize> {
+        self.index
+            .find(hash(rel), |&i| self.dirs[i as usize].rel() == rel)
+            .map(|&i| i as usize)
+    }
+
+    fn insert(&mut self, p: Polled) {
+        match self.find(p.rel()) {
+            Some(i) => self.dirs[i] = p,
+            None => {
+                let i = self.dirs.len() as u32;
+                let h = hash(p.rel());
+                self.dirs.push(p);
+                let dirs = &self.dirs;
+                self.index
+                    .insert_unique(h, i, |&j| hash(dirs[j as usize].rel()));
+            }
+        }
+    }
+
+    fn remove(&mut self, rel: &[u8]) {
+        let Some(i) = self.find(rel) else {
+            return;
+        };
+        let h = hash(rel);
+        if let Ok(entry) = self.index.find_entry(h, |&j| j as usize == i) {
+            entry.remove();
+        }
+        let last = self.dirs.len() - 1;
+        if i != last {
+            // The last one takes the freed place: its index entry follows.
+            let moved = hash(self.dirs[last].rel());
+            if let Some(slot) = self.index.find_mut(moved, |&j| j as usize == last) {
+                *slot = i as u32;
+            }
+        }
+        self.dirs.swap_remove(i);
+    }
+}
+
+/// What the polling thread and the watcher share.
+struct Shared {
+    set: Mutex<Set>,
+    base: PathBuf,
+    /// The current wait between passes, in milliseconds.
+    interval_ms: AtomicU64,
+    /// The shortest wait (the manifest's `poll`, 1s by default).
+    floor: Duration,
+    /// What a pass costs, smoothed, in microseconds per directory (times 1024).
+    cost: AtomicU64,
+}
+
+impl Shared {
+    fn set(&self) -> std::sync::MutexGuard<'_, Set> {
+        self.set.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn abs(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.base.clone()
+        } else {
+            self.base.join(OsStr::from_bytes(rel))
+        }
+    }
+
+    /// The wait that keeps a pass over `dirs` directories at [`DUTY`].
+    fn update_interval(&self, dirs: usize) {
+        let per_dir = self.cost.load(Ordering::Relaxed) as f64 / 1024.0;
+        let pass = Duration::from_secs_f64(per_dir * dirs as f64 / 1e6);
+        let wait = pass
+            .mul_f64((1.0 - DUTY) / DUTY)
+            .clamp(self.floor, MAX_INTERVAL.max(self.floor));
+        self.interval_ms.store(
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Takes a pass's measured cost into the estimate.
+    fn measured(&self, took: Duration, dirs: usize) {
+        if dirs == 0 {
+            return;
+        }
+        let sample = took.as_secs_f64() * 1e6 / dirs as f64 * 1024.0;
+        let old = self.cost.load(Ordering::Relaxed) as f64;
+        // Smoothed, so that one slow pass (a cold cache, a busy disk) does not set the pace.
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old * 0.7 + sample * 0.3
+        };
+        self.cost.store(new as u64, Ordering::Relaxed);
+        self.update_interval(dirs);
+    }
+}
+
+/// The polled directories of one service. Dropping it stops its thread (after the pass under
+/// way, if any).
+pub(super) struct Poller {
+    shared: Arc<Shared>,
+    /// Dropped to stop the thread; started with the first directory.
+    stop: Option<mpsc::Sender<()>>,
+    tx: UnboundedSender<WatchMsg>,
+    overflow: bool,
+}
+
+impl Poller {
+    pub(super) fn new(
+        tx: UnboundedSender<WatchMsg>,
+        base: PathBuf,
+        floor: Duration,
+        overflow: bool,
+    ) -> Poller {
+        Poller {
+            shared: Arc::new(Shared {
+                set: Mutex::default(),
+                base,
+                interval_ms: AtomicU64::new(u64::try_from(floor.as_millis()).unwrap_or(1000)),
+                floor,
+                cost: AtomicU64::new(0),
+            }),
+            stop: None,
+            tx,
+            overflow,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.shared.set().dirs.len()
+    }
+
+    /// The wait between two passes, as things stand.
+    pub(super) fn interval(&self) -> Duration {
+        Duration::from_millis(self.shared.interval_ms.load(Ordering::Relaxed))
+    }
+
+    fn rel<'p>(&self, dir: &'p Path) -> &'p [u8] {
+        match dir.strip_prefix(&self.shared.base) {
+            Ok(rel) => rel.as_os_str().as_bytes(),
+            Err(_) => dir.as_os_str().as_bytes(),
+        }
+    }
+
+    pub(super) fn contains(&self, dir: &Path) -> bool {
+        self.stop.is_some() && self.shared.set().find(self.rel(dir)).is_some()
+    }
+
+    /// Polls `dirs` from now on: what they hold now is what the next pass compares with.
+    pub(super) fn add(&mut self, dirs: &[PathBuf]) {
+        if dirs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let taken = now_ns();
+        let polled: Vec<Polled> = dirs
+            .par_iter()
+            .filter_map(|d| snapshot(self.rel(d), d, taken))
+            .collect();
+        self.shared.measured(started.elapsed(), dirs.len().max(1));
+        let mut set = self.shared.set();
+        set.dirs.reserve(polled.len());
+        for p in polled {
+            set.insert(p);
+        }
+        let n = set.dirs.len();
+        drop(set);
+        self.shared.update_interval(n);
+        if self.stop.is_none() {
+            let (stop, stopped) = mpsc::channel();
+            let shared = self.shared.clone();
+            let (tx, overflow) = (self.tx.clone(), self.overflow);
+            let spawned = std::thread::Builder::new()
+                .name("pmesh-dev-poll".to_owned())
+                .spawn(move || run(&shared, &stopped, &tx, overflow));
+            match spawned {
+                Ok(_) => self.stop = Some(stop),
+                Err(e) => {
+                    let _ = self
+                        .tx
+                        .send(WatchMsg::Error(format!("cannot start polling: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Stops polling `dirs` (those not polled are no error).
+    pub(super) fn remove(&mut self, dirs: &[PathBuf]) {
+        if self.stop.is_none() {
+            return;
+        }
+        let mut set = self.shared.set();
+        for d in dirs {
+            set.remove(self.rel(d));
+        }
+    }
+}
+
+/// The thread: a pass, then a wait, until the poller is dropped.
+fn run(
+    shared: &Shared,
+    stopped: &mpsc::Receiver<()>,
+    tx: &UnboundedSender<WatchMsg>,
+    overflow: bool,
+) {
+    let mut path = Vec::with_capacity(256);
+    loop {
+        let wait = Duration::from_millis(shared.interval_ms.load(Ordering::Relaxed));
+        match stopped.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let started = Instant::now();
+        let (changed, dirs) = pass(shared, &mut path);
+        shared.measured(started.elapsed(), dirs);
+        if !changed.is_empty() && !deliver(tx, WatchMsg::Paths(changed), overflow) {
+            return;
+        }
+    }
+}
+
+/// One look at every polled directory; the paths that changed, and how many directories were
+/// looked at.
+fn pass(shared: &Shared, path: &mut Vec<u8>) -> (Vec<PathBuf>, usize) {
+    let taken = now_ns();
+    let mut changed = Vec::new();
+    let mut i = 0;
+    loop {
+        let mut set = shared.set();
+        if i >= set.dirs.len() {
+            return (changed, i);
+        }
+        let end = (i + CHUNK).min(set.dirs.len());
+        for d in &mut set.dirs[i..end] {
+            look(shared, d, taken, path, &mut changed);
+        }
+        i = end;
+    }
+}
+
+/// Looks at one directory; pushes what changed in it to `changed`.
+fn look(
+    shared: &Shared,
+    d: &mut Polled,
+    taken: i64,
+    path: &mut Vec<u8>,
+    changed: &mut Vec<PathBuf>,
+) {
+    let dir = shared.abs(d.rel());
+    let print = dir_print(&dir, taken);
+    if print == GONE {
+        // Named once; the engine then stops polling it.
+        if d.prints[0] != GONE {
+            d.prints[0] = GONE;
+            changed.push(dir);
+        }
+        return;
+    }
+    if print == d.prints[0] && print != UNSURE {
+        // Same listing: each entry's stat is enough.
+        path.clear();
+        path.extend_from_slice(dir.as_os_str().as_bytes());
+        path.push(b'/');
+        let base_len = path.len();
+        let Polled { names, prints } = d;
+        let start = names
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(names.len(), |e| e + 1);
+        let entries = names[start..].split_inclusive(|&b| b == 0);
+        for (name, old) in entries.zip(prints[1..].iter_mut()) {
+            path.truncate(base_len);
+            path.extend_from_slice(name);
+            let new = lstat_print(path, taken);
+            // An entry unsure before may have changed again after it was read.
+            if new != *old || new == UNSURE {
+                changed.push(dir.join(OsStr::from_bytes(&name[..name.len() - 1])));
+                *old = new;
+            }
+        }
+        return;
+    }
+    // The listing changed: read it again, and name what came, went or changed.
+    let Some(fresh) = snapshot(d.rel(), &dir, taken) else {
+        d.prints[0] = GONE;
+        changed.push(dir);
+        return;
+    };
+    let mut old: rustc_hash::FxHashMap<&[u8], u64> =
+        d.entries().zip(d.prints[1..].iter().copied()).collect();
+    for (name, new) in fresh.entries().zip(fresh.prints[1..].iter()) {
+        match old.remove(name) {
+            Some(o) if o == *new && o != UNSURE => {}
+            _ => changed.push(dir.join(OsStr::from_bytes(&name[..name.len() - 1]))),
+        }
+    }
+    for name in old.keys() {
+        changed.push(dir.join(OsStr::from_bytes(&name[..name.len() - 1])));
+    }
+    *d = fresh;
+}
+
+/// `dir` as it is now: its listing and every entry's fingerprint; `None` if it cannot be read.
+fn snapshot(rel: &[u8], dir: &Path, taken: i64) -> Option<Polled> {
+    let print = dir_print(dir, taken);
+    if print == GONE {
+        return None;
+    }
+    let listing = std::fs::read_dir(dir).ok()?;
+    let mut names = Vec::with_capacity(rel.len() + 1 + 16 * 8);
+    names.extend_from_slice(rel);
+    names.push(0);
+    let mut prints = vec![print];
+    let mut path = Vec::with_capacity(dir.as_os_str().len() + 64);
+    path.extend_from_slice(dir.as_os_str().as_bytes());
+    path.push(b'/');
+    let base_len = path.len();
+    for entry in listing.flatten() {
+        let name = entry.file_name();
+        let name = name.as_bytes();
+        path.truncate(base_len);
+        path.extend_from_slice(name);
+        path.push(0);
+        names.extend_from_slice(name);
+        names.push(0);
+        prints.push(lstat_print(&path, taken));
+    }
+    Some(Polled {
+        names: names.into_boxed_slice(),
+        prints: prints.into_boxed_slice(),
+    })
+}
+
+/// The fingerprint of a directory's own stat: it moves with its listing.
+fn dir_print(dir: &Path, taken: i64) -> u64 {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => print_of(&StatKey::of(&m), taken),
+        _ => GONE,
+    }
+}
+
+/// The fingerprint of the entry at `path` (NUL-terminated): its stat, [`UNSURE`] if too recent
+/// to vouch for the next change, [`GONE`] if it cannot be read. A directory's is only what it
+/// is (inode and mode): what it holds is looked at by its own watch or poll.
+fn lstat_print(path: &[u8], taken: i64) -> u64 {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    debug_assert_eq!(path.last(), Some(&0));
+    // SAFETY: `path` is NUL-terminated and `st` has room for a stat.
+    let rc = unsafe { libc::lstat(path.as_ptr().cast(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return GONE;
+    }
+    // SAFETY: lstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    let key = StatKey::of_stat(&st);
+    if key.entry_type() == crate::hash::cache::EntryType::Dir {
+        let mut h = FxBuildHasher.build_hasher();
+        h.write_u64(key.ino);
+        h.write_u32(key.mode);
+        return h.finish().max(2);
+    }
+    print_of(&key, taken)
+}
+
+fn print_of(key: &StatKey, taken: i64) -> u64 {
+    if !key.safely_older_than(taken) {
+        return UNSURE;
+    }
+    let mut h = FxBuildHasher.build_hasher();
+    h.write_u64(key.size);
+    h.write_i64(key.mtime_ns);
+    h.write_i64(key.ctime_ns);
+    h.write_u64(key.ino);
+    h.write_u32(key.mode);
+    // Never one of the reserved values.
+    h.finish().max(2)
+}
+
+/// Wall-clock nanoseconds since the epoch: the digest cache's clock.
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::cache::RACY_MARGIN_NS;
+    use std::fs;
+
+    fn shared(base: &Path) -> Shared {
+        Shared {
+            set: Mutex::default(),
+            base: base.to_path_buf(),
+            interval_ms: AtomicU64::new(1000),
+            floor: Duration::from_secs(1),
+            cost: AtomicU64::new(0),
+        }
+    }
+
+    /// What a pass names, relative and sorted.
+    fn names(base: &Path, mut paths: Vec<PathBuf>) -> Vec<String> {
+        paths.sort();
+        paths
+            .iter()
+            .map(|p| p.strip_prefix(base).unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_pass_names_what_was_added_removed_or_written_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        fs::create_dir(base.join("d")).unwrap();
+        fs::write(base.join("d/a"), "1").unwrap();
+        fs::write(base.join("d/b"), "2").unwrap();
+        fs::write(base.join("top"), "t").unwrap();
+        let s = shared(base);
+        // As if taken later than the margin: nothing is too recent to vouch for.
+        let later = now_ns() + 2 * RACY_MARGIN_NS;
+        for (rel, dir) in [("", base.to_path_buf()), ("d", base.join("d"))] {
+            let p = snapshot(rel.as_bytes(), &dir, later).unwrap();
+            s.set().insert(p);
+        }
+        let mut buf = Vec::new();
+        let look_all = |taken: i64, buf: &mut Vec<u8>| {
+            let mut changed = Vec::new();
+            for d in &mut s.set().dirs {
+                look(&s, d, taken, buf, &mut changed);
+            }
+            changed
+        };
+        assert!(look_all(later, &mut buf).is_empty(), "nothing changed");
+
+        // A write of the same size: the stat still tells.
+        fs::write(base.join("d/a"), "9").unwrap();
+        fs::remove_file(base.join("d/b")).unwrap();
+        fs::write(base.join("d/c"), "3").unwrap();
+        fs::create_dir(base.join("new")).unwrap();
+        let later = now_ns() + 2 * RACY_MARGIN_NS;
+        assert_eq!(
+            names(base, look_all(later, &mut buf)),
+            ["d/a", "d/b", "d/c", "new"]
+        );
+        assert!(look_all(later, &mut buf).is_empty(), "named once");
+
+        // Too recent to vouch for: named again by the next pass.
+        fs::write(base.join("d/a"), "8").unwrap();
+        let now = now_ns();
+        assert!(names(base, look_all(now, &mut buf)).contains(&"d/a".to_owned()));
+        let later = now + 2 * RACY_MARGIN_NS;
+        assert!(names(base, look_all(later, &mut buf)).contains(&"d/a".to_owned()));
+        assert!(look_all(later, &mut buf).is_empty());
+
+        // A polled directory that goes is named once.
+        fs::remove_dir_all(base.join("d")).unwrap();
+        let later = now_ns() + 2 * RACY_MARGIN_NS;
+        assert_eq!(names(base, look_all(later, &mut buf)), ["d", "d"]);
+        assert!(look_all(later, &mut buf).is_empty());
+    }
+
+    #[test]
+    fn removing_keeps_the_index_of_the_directory_moved_into_the_gap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = shared(tmp.path());
+        for d in ["a", "b", "c"] {
+            fs::create_dir(tmp.path().join(d)).unwrap();
+            let p = snapshot(d.as_bytes(), &tmp.path().join(d), now_ns()).unwrap();
+            s.set().insert(p);
+        }
+        s.set().remove(b"a");
+        let set = s.set();
+        assert_eq!(set.dirs.len(), 2);
+        assert_eq!(set.find(b"c").map(|i| set.dirs[i].rel()), Some(&b"c"[..]));
+        assert_eq!(set.find(b"b").map(|i| set.dirs[i].rel()), Some(&b"b"[..]));
+        assert_eq!(set.find(b"a"), None);
+    }
+
+    #[test]
+    fn the_interval_keeps_polling_within_its_share_of_a_core() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = shared(tmp.path());
+        // A pass of 10k directories that took 500ms: 5% means 9.5s of rest after it.
+        s.measured(Duration::from_millis(500), 10_000);
+        assert_eq!(s.interval_ms.load(Ordering::Relaxed), 9500);
+        // Cheap passes never go below the floor.
+        let s = shared(tmp.path());
+        s.measured(Duration::from_millis(1), 10_000);
+        assert_eq!(s.interval_ms.load(Ordering::Relaxed), 1000);
+    }
+}
