@@ -333,6 +333,14 @@ impl LiveTree {
             full.changed.sort();
             full.changed.dedup();
             full.warnings.extend(change.warnings);
+            // What this update's own reads found: the walk compared with the tree they left.
+            let dirs = &self.dirs;
+            (change.watch).retain(|d| {
+                d.strip_prefix(&self.root)
+                    .is_ok_and(|r| dirs.contains(r.as_os_str().as_bytes()))
+            });
+            full.watch.extend(change.watch);
+            full.unwatch.extend(change.unwatch);
             return Ok(full);
         }
         // A path that came and went within this update never took part.

@@ -295,7 +295,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut w = Inotify::new(tx, root.clone(), false).unwrap();
-        let mut add = |w: &mut Inotify, dirs: &[PathBuf]| {
+        let add = |w: &mut Inotify, dirs: &[PathBuf]| {
             for d in dirs {
                 w.add(d).unwrap();
             }

@@ -233,7 +233,11 @@ impl Poller {
             .par_iter()
             .filter_map(|d| snapshot(self.rel(d), d, taken))
             .collect();
-        self.shared.measured(started.elapsed(), dirs.len().max(1));
+        if dirs.len() >= 1000 {
+            // The first estimate, before any pass (a listing costs more than a pass's stats:
+            // it errs long). A few directories found later say nothing reliable.
+            self.shared.measured(started.elapsed(), dirs.len());
+        }
         let mut set = self.shared.set();
         set.dirs.reserve(polled.len());
         for p in polled {
