@@ -119,7 +119,7 @@ PY
         "$DEEP_DIR" "$DEBOUNCE_MS" >"$WORK/pmesh.toml"
     ndirs=$(find "$DEEP_DIR" -path "$DEEP_DIR/.git" -prune -o -path "$DEEP_DIR/.pmesh" -prune \
         -o -name '.build*' -prune -o -type d -print | wc -l)
-    shallow=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF == 4 {print; exit}')
+    shallow=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF == 4 && f == "" {f = $0} END {print f}')
     deepest=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF > best {best = NF; f = $0} END {print f}')
     log "deep tree: $ndirs directories; edits of $shallow (shallow) and $deepest (deepest)"
     PMESH_BENCHES="$REPO/benches" python3 - "$PMESH" "$WORK/pmesh.toml" "$DEEP_DIR" "$shallow" \
