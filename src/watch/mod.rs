@@ -145,27 +145,30 @@ impl DirWatcher {
         tx: UnboundedSender<WatchMsg>,
         base: PathBuf,
     ) -> Result<DirWatcher, WatchError> {
-        let backend = backend.resolve();
+        let mut backend = backend.resolve();
         let overflow = std::env::var_os(TEST_OVERFLOW).is_some();
-        let events = match backend {
+        let made = match backend {
             #[cfg(target_os = "linux")]
-            Backend::Inotify => Some(Events::Inotify(inotify::Inotify::new(
-                tx.clone(),
-                base.clone(),
-                overflow,
-            )?)),
+            Backend::Inotify => inotify::Inotify::new(tx.clone(), base.clone(), overflow)
+                .map(|w| Some(Events::Inotify(w))),
             #[cfg(not(target_os = "linux"))]
-            Backend::Inotify => {
-                return Err(WatchError::Other(
-                    "inotify exists only on Linux (try --watcher native)".to_owned(),
-                ));
+            Backend::Inotify => Err(WatchError::Other(
+                "inotify exists only on Linux (try --watcher native)".to_owned(),
+            )),
+            Backend::Native => native::Native::new(tx.clone(), base.clone(), overflow)
+                .map(|w| Some(Events::Native(w))),
+            _ => Ok(None),
+        };
+        let events = match made {
+            Ok(events) => events,
+            // No events to be had (out of inotify instances, say): every directory is polled,
+            // at a cost bounded as past the watch limit, and the engine warns.
+            Err(WatchError::Other(e)) => {
+                let _ = tx.send(WatchMsg::Error(format!("{e}: polling instead")));
+                backend = Backend::Poll;
+                None
             }
-            Backend::Native => Some(Events::Native(native::Native::new(
-                tx.clone(),
-                base.clone(),
-                overflow,
-            )?)),
-            _ => None,
+            Err(e) => return Err(e),
         };
         Ok(DirWatcher {
             backend,

@@ -153,15 +153,16 @@ impl Shared {
         );
     }
 
-    /// Takes a pass's measured cost into the estimate.
+    /// Takes a pass's measured cost (CPU time) into the estimate.
     fn measured(&self, took: Duration, dirs: usize) {
         if dirs == 0 {
             return;
         }
         let sample = took.as_secs_f64() * 1e6 / dirs as f64 * 1024.0;
         let old = self.cost.load(Ordering::Relaxed) as f64;
-        // Smoothed, so that one slow pass (a cold cache, a busy disk) does not set the pace.
-        let new = if old == 0.0 {
+        // A dearer pass sets the pace at once, so that the average stays bounded; a cheaper
+        // one only by degrees, so that one lucky pass does not.
+        let new = if old == 0.0 || sample > old {
             sample
         } else {
             old * 0.7 + sample * 0.3
@@ -227,20 +228,26 @@ impl Poller {
         if dirs.is_empty() {
             return;
         }
-        let started = Instant::now();
         let taken = now_ns();
-        let polled: Vec<Polled> = dirs
-            .par_iter()
-            .filter_map(|d| snapshot(self.rel(d), d, taken))
+        let chunks: Vec<(Vec<Polled>, Duration)> = dirs
+            .par_chunks(256)
+            .map(|chunk| {
+                let cpu = CpuClock::start();
+                let polled = (chunk.iter())
+                    .filter_map(|d| snapshot(self.rel(d), d, taken))
+                    .collect();
+                (polled, cpu.elapsed())
+            })
             .collect();
         if dirs.len() >= 1000 {
             // The first estimate, before any pass (a listing costs more than a pass's stats:
             // it errs long). A few directories found later say nothing reliable.
-            self.shared.measured(started.elapsed(), dirs.len());
+            let cpu = chunks.iter().map(|(_, t)| *t).sum();
+            self.shared.measured(cpu, dirs.len());
         }
         let mut set = self.shared.set();
-        set.dirs.reserve(polled.len());
-        for p in polled {
+        set.dirs.reserve(dirs.len());
+        for p in chunks.into_iter().flat_map(|(p, _)| p) {
             set.insert(p);
         }
         let n = set.dirs.len();
@@ -290,9 +297,9 @@ fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,
         }
-        let started = Instant::now();
+        let cpu = CpuClock::start();
         let (changed, dirs) = pass(shared, &mut path);
-        shared.measured(started.elapsed(), dirs);
+        shared.measured(cpu.elapsed(), dirs);
         if !changed.is_empty() && !deliver(tx, WatchMsg::Paths(changed), overflow) {
             return;
         }
@@ -454,6 +461,44 @@ fn print_of(key: &StatKey, taken: i64) -> u64 {
     h.write_u32(key.mode);
     // Never one of the reserved values.
     h.finish().max(2)
+}
+
+/// The CPU time of the calling thread (what "a share of a core" counts: a pass waiting for a
+/// busy disk or for a core costs none), or the wall clock where there is no such clock.
+struct CpuClock {
+    cpu: Option<Duration>,
+    wall: Instant,
+}
+
+impl CpuClock {
+    fn start() -> CpuClock {
+        CpuClock {
+            cpu: thread_cpu(),
+            wall: Instant::now(),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        match (self.cpu, thread_cpu()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => self.wall.elapsed(),
+        }
+    }
+}
+
+fn thread_cpu() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| {
+        Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        )
+    })
 }
 
 /// Wall-clock nanoseconds since the epoch: the digest cache's clock.
