@@ -26,7 +26,7 @@ use rustc_hash::FxBuildHasher;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{WatchMsg, deliver};
-use crate::hash::cache::StatKey;
+use crate::hash::cache::{EntryType, StatKey};
 
 /// The share of one core polling may take on average.
 const DUTY: f64 = 0.05;
@@ -130,14 +130,6 @@ struct Shared {
 impl Shared {
     fn set(&self) -> std::sync::MutexGuard<'_, Set> {
         self.set.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn abs(&self, rel: &[u8]) -> PathBuf {
-        if rel.is_empty() {
-            self.base.clone()
-        } else {
-            self.base.join(OsStr::from_bytes(rel))
-        }
     }
 
     /// The wait that keeps a pass over `dirs` directories at [`DUTY`].
@@ -333,20 +325,34 @@ fn look(
     path: &mut Vec<u8>,
     changed: &mut Vec<PathBuf>,
 ) {
-    let dir = shared.abs(d.rel());
-    let print = dir_print(&dir, taken);
+    // The directory's path is built in `path`, which is reused for its entries: a pass makes
+    // no allocation for what did not change.
+    path.clear();
+    let rel = d.rel();
+    if rel.first() != Some(&b'/') {
+        path.extend_from_slice(shared.base.as_os_str().as_bytes());
+        if !rel.is_empty() {
+            path.push(b'/');
+        }
+    }
+    path.extend_from_slice(rel);
+    let dir_len = path.len();
+    path.push(0);
+    let print = match stat_key(path) {
+        Some(key) if key.entry_type() == EntryType::Dir => print_of(&key, taken),
+        _ => GONE,
+    };
+    path.truncate(dir_len);
     if print == GONE {
         // Named once; the engine then stops polling it.
         if d.prints[0] != GONE {
             d.prints[0] = GONE;
-            changed.push(dir);
+            changed.push(PathBuf::from(OsStr::from_bytes(path)));
         }
         return;
     }
     if print == d.prints[0] && print != UNSURE {
         // Same listing: each entry's stat is enough.
-        path.clear();
-        path.extend_from_slice(dir.as_os_str().as_bytes());
         path.push(b'/');
         let base_len = path.len();
         let Polled { names, prints } = d;
@@ -361,13 +367,15 @@ fn look(
             let new = lstat_print(path, taken);
             // An entry unsure before may have changed again after it was read.
             if new != *old || new == UNSURE {
-                changed.push(dir.join(OsStr::from_bytes(&name[..name.len() - 1])));
+                let named = &path[..path.len() - 1];
+                changed.push(PathBuf::from(OsStr::from_bytes(named)));
                 *old = new;
             }
         }
         return;
     }
     // The listing changed: read it again, and name what came, went or changed.
+    let dir = PathBuf::from(OsStr::from_bytes(path));
     let Some(fresh) = snapshot(d.rel(), &dir, taken) else {
         d.prints[0] = GONE;
         changed.push(dir);
@@ -426,21 +434,24 @@ fn dir_print(dir: &Path, taken: i64) -> u64 {
     }
 }
 
-/// The fingerprint of the entry at `path` (NUL-terminated): its stat, [`UNSURE`] if too recent
-/// to vouch for the next change, [`GONE`] if it cannot be read. A directory's is only what it
-/// is (inode and mode): what it holds is looked at by its own watch or poll.
-fn lstat_print(path: &[u8], taken: i64) -> u64 {
+/// The stat of `path` (NUL-terminated), symlinks not followed.
+fn stat_key(path: &[u8]) -> Option<StatKey> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     debug_assert_eq!(path.last(), Some(&0));
     // SAFETY: `path` is NUL-terminated and `st` has room for a stat.
     let rc = unsafe { libc::lstat(path.as_ptr().cast(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return GONE;
-    }
     // SAFETY: lstat succeeded, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    let key = StatKey::of_stat(&st);
-    if key.entry_type() == crate::hash::cache::EntryType::Dir {
+    (rc == 0).then(|| StatKey::of_stat(&unsafe { st.assume_init() }))
+}
+
+/// The fingerprint of the entry at `path` (NUL-terminated): its stat, [`UNSURE`] if too recent
+/// to vouch for the next change, [`GONE`] if it cannot be read. A directory's is only what it
+/// is (inode and mode): what it holds is looked at by its own watch or poll.
+fn lstat_print(path: &[u8], taken: i64) -> u64 {
+    let Some(key) = stat_key(path) else {
+        return GONE;
+    };
+    if key.entry_type() == EntryType::Dir {
         let mut h = FxBuildHasher.build_hasher();
         h.write_u64(key.ino);
         h.write_u32(key.mode);
