@@ -16,17 +16,16 @@ use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
-use rayon::prelude::*;
 use rustc_hash::FxBuildHasher;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{WatchMsg, deliver};
-use crate::hash::cache::{EntryType, StatKey};
+use crate::hash::cache::{EntryType, RACY_MARGIN_NS, StatKey};
 
 /// The share of one core polling may take on average.
 const DUTY: f64 = 0.05;
@@ -40,6 +39,11 @@ const CHUNK: usize = 64;
 const UNSURE: u64 = 0;
 /// The fingerprint of a directory that is gone (or unreadable).
 const GONE: u64 = 1;
+/// A directory's fingerprint before its first look (see [`Poller::add`]).
+const PENDING: u64 = 2;
+/// What a pass is taken to cost a directory before one was measured (a pass of 39k directories
+/// of the deep bench tree, at about 3 entries each, took 5-10 us a directory).
+const PRIOR_US_PER_DIR: f64 = 10.0;
 
 /// One polled directory: its path relative to the base (NUL-terminated), then each entry's name
 /// (NUL-terminated), and the fingerprints of the directory itself and of each entry.
@@ -125,6 +129,8 @@ struct Shared {
     floor: Duration,
     /// What a pass costs, smoothed, in microseconds per directory (times 1024).
     cost: AtomicU64,
+    /// Directories were added whose first look is still to come.
+    pending: AtomicBool,
 }
 
 impl Shared {
@@ -134,7 +140,10 @@ impl Shared {
 
     /// The wait that keeps a pass over `dirs` directories at [`DUTY`].
     fn update_interval(&self, dirs: usize) {
-        let per_dir = self.cost.load(Ordering::Relaxed) as f64 / 1024.0;
+        let per_dir = match self.cost.load(Ordering::Relaxed) {
+            0 => PRIOR_US_PER_DIR,
+            c => c as f64 / 1024.0,
+        };
         let pass = Duration::from_secs_f64(per_dir * dirs as f64 / 1e6);
         let wait = pass
             .mul_f64((1.0 - DUTY) / DUTY)
@@ -188,6 +197,7 @@ impl Poller {
                 interval_ms: AtomicU64::new(u64::try_from(floor.as_millis()).unwrap_or(1000)),
                 floor,
                 cost: AtomicU64::new(0),
+                pending: AtomicBool::new(false),
             }),
             stop: None,
             tx,
@@ -215,33 +225,28 @@ impl Poller {
         self.stop.is_some() && self.shared.set().find(self.rel(dir)).is_some()
     }
 
-    /// Polls `dirs` from now on: what they hold now is what the next pass compares with.
+    /// Polls `dirs` from now on. Their listings are taken by the polling thread, not here
+    /// (that would be a pass's work added to the start): its first look at a directory names
+    /// the directory itself, and each entry, that changed since this call.
     pub(super) fn add(&mut self, dirs: &[PathBuf]) {
         if dirs.is_empty() {
             return;
         }
-        let taken = now_ns();
-        let chunks: Vec<(Vec<Polled>, Duration)> = dirs
-            .par_chunks(256)
-            .map(|chunk| {
-                let cpu = CpuClock::start();
-                let polled = (chunk.iter())
-                    .filter_map(|d| snapshot(self.rel(d), d, taken))
-                    .collect();
-                (polled, cpu.elapsed())
-            })
-            .collect();
-        if dirs.len() >= 1000 {
-            // The first estimate, before any pass (a listing costs more than a pass's stats:
-            // it errs long). A few directories found later say nothing reliable.
-            let cpu = chunks.iter().map(|(_, t)| *t).sum();
-            self.shared.measured(cpu, dirs.len());
-        }
+        // Changes within a timestamp tick of now count as after it.
+        let since = now_ns().saturating_sub(RACY_MARGIN_NS) as u64;
         let mut set = self.shared.set();
         set.dirs.reserve(dirs.len());
-        for p in chunks.into_iter().flat_map(|(p, _)| p) {
-            set.insert(p);
+        for d in dirs {
+            let rel = self.rel(d);
+            let mut names = Vec::with_capacity(rel.len() + 1);
+            names.extend_from_slice(rel);
+            names.push(0);
+            set.insert(Polled {
+                names: names.into_boxed_slice(),
+                prints: Box::new([PENDING, since]),
+            });
         }
+        self.shared.pending.store(true, Ordering::Relaxed);
         let n = set.dirs.len();
         drop(set);
         self.shared.update_interval(n);
@@ -284,33 +289,44 @@ fn run(
 ) {
     let mut path = Vec::with_capacity(256);
     loop {
-        let wait = Duration::from_millis(shared.interval_ms.load(Ordering::Relaxed));
+        let mut wait = Duration::from_millis(shared.interval_ms.load(Ordering::Relaxed));
+        if shared.pending.swap(false, Ordering::Relaxed) {
+            // New directories have no listing yet: taken soon, not a whole interval later.
+            wait = wait.min(shared.floor);
+        }
         match stopped.recv_timeout(wait) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,
         }
         let cpu = CpuClock::start();
-        let (changed, dirs) = pass(shared, &mut path);
-        shared.measured(cpu.elapsed(), dirs);
+        let (changed, dirs, first_looks) = pass(shared, &mut path);
+        if first_looks <= dirs / 10 {
+            // A pass that read many listings for the first time says little of the next.
+            shared.measured(cpu.elapsed(), dirs);
+        }
         if !changed.is_empty() && !deliver(tx, WatchMsg::Paths(changed), overflow) {
             return;
         }
     }
 }
 
-/// One look at every polled directory; the paths that changed, and how many directories were
-/// looked at.
-fn pass(shared: &Shared, path: &mut Vec<u8>) -> (Vec<PathBuf>, usize) {
+/// One look at every polled directory; the paths that changed, how many directories were
+/// looked at, and how many of them for the first time.
+fn pass(shared: &Shared, path: &mut Vec<u8>) -> (Vec<PathBuf>, usize, usize) {
     let taken = now_ns();
     let mut changed = Vec::new();
     let mut i = 0;
+    let mut first = 0;
     loop {
         let mut set = shared.set();
         if i >= set.dirs.len() {
-            return (changed, i);
+            return (changed, i, first);
         }
         let end = (i + CHUNK).min(set.dirs.len());
         for d in &mut set.dirs[i..end] {
+            if d.prints[0] == PENDING {
+                first += 1;
+            }
             look(shared, d, taken, path, &mut changed);
         }
         i = end;
@@ -343,6 +359,18 @@ fn look(
         _ => GONE,
     };
     path.truncate(dir_len);
+    if d.prints[0] == PENDING {
+        let since = d.prints.get(1).map_or(0, |s| *s as i64);
+        let dir = PathBuf::from(OsStr::from_bytes(path));
+        match snapshot(d.rel(), &dir, taken, Some((since, changed))) {
+            Some(fresh) => *d = fresh,
+            None => {
+                d.prints[0] = GONE;
+                changed.push(dir);
+            }
+        }
+        return;
+    }
     if print == GONE {
         // Named once; the engine then stops polling it.
         if d.prints[0] != GONE {
@@ -376,7 +404,7 @@ fn look(
     }
     // The listing changed: read it again, and name what came, went or changed.
     let dir = PathBuf::from(OsStr::from_bytes(path));
-    let Some(fresh) = snapshot(d.rel(), &dir, taken) else {
+    let Some(fresh) = snapshot(d.rel(), &dir, taken, None) else {
         d.prints[0] = GONE;
         changed.push(dir);
         return;
@@ -396,10 +424,22 @@ fn look(
 }
 
 /// `dir` as it is now: its listing and every entry's fingerprint; `None` if it cannot be read.
-fn snapshot(rel: &[u8], dir: &Path, taken: i64) -> Option<Polled> {
-    let print = dir_print(dir, taken);
-    if print == GONE {
-        return None;
+/// With `since`, the directory itself and each entry whose stat changed since then are pushed
+/// to its list (the directory so that the tree reads it again: what left it is not listed).
+fn snapshot(
+    rel: &[u8],
+    dir: &Path,
+    taken: i64,
+    mut since: Option<(i64, &mut Vec<PathBuf>)>,
+) -> Option<Polled> {
+    let meta = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir())?;
+    let key = StatKey::of(&meta);
+    let print = print_of(&key, taken);
+    let after = |key: &StatKey, since: i64| key.mtime_ns.max(key.ctime_ns) >= since;
+    if let Some((t, changed)) = since.as_mut()
+        && after(&key, *t)
+    {
+        changed.push(dir.to_path_buf());
     }
     let listing = std::fs::read_dir(dir).ok()?;
     let mut names = Vec::with_capacity(rel.len() + 1 + 16 * 8);
@@ -418,20 +458,18 @@ fn snapshot(rel: &[u8], dir: &Path, taken: i64) -> Option<Polled> {
         path.push(0);
         names.extend_from_slice(name);
         names.push(0);
-        prints.push(lstat_print(&path, taken));
+        let key = stat_key(&path);
+        if let (Some(key), Some((t, changed))) = (&key, since.as_mut())
+            && after(key, *t)
+        {
+            changed.push(dir.join(OsStr::from_bytes(name)));
+        }
+        prints.push(key.map_or(GONE, |k| entry_print(&k, taken)));
     }
     Some(Polled {
         names: names.into_boxed_slice(),
         prints: prints.into_boxed_slice(),
     })
-}
-
-/// The fingerprint of a directory's own stat: it moves with its listing.
-fn dir_print(dir: &Path, taken: i64) -> u64 {
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => print_of(&StatKey::of(&m), taken),
-        _ => GONE,
-    }
 }
 
 /// The stat of `path` (NUL-terminated), symlinks not followed.
@@ -448,14 +486,16 @@ fn stat_key(path: &[u8]) -> Option<StatKey> {
 /// to vouch for the next change, [`GONE`] if it cannot be read. A directory's is only what it
 /// is (inode and mode): what it holds is looked at by its own watch or poll.
 fn lstat_print(path: &[u8], taken: i64) -> u64 {
-    let Some(key) = stat_key(path) else {
-        return GONE;
-    };
+    stat_key(path).map_or(GONE, |k| entry_print(&k, taken))
+}
+
+/// See [`lstat_print`].
+fn entry_print(key: &StatKey, taken: i64) -> u64 {
     if key.entry_type() == EntryType::Dir {
         let mut h = FxBuildHasher.build_hasher();
         h.write_u64(key.ino);
         h.write_u32(key.mode);
-        return h.finish().max(2);
+        return h.finish().max(PENDING + 1);
     }
     print_of(&key, taken)
 }
@@ -471,7 +511,7 @@ fn print_of(key: &StatKey, taken: i64) -> u64 {
     h.write_u64(key.ino);
     h.write_u32(key.mode);
     // Never one of the reserved values.
-    h.finish().max(2)
+    h.finish().max(PENDING + 1)
 }
 
 /// The CPU time of the calling thread (what "a share of a core" counts: a pass waiting for a
@@ -522,7 +562,6 @@ fn now_ns() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::cache::RACY_MARGIN_NS;
     use std::fs;
 
     fn shared(base: &Path) -> Shared {
@@ -532,6 +571,7 @@ mod tests {
             interval_ms: AtomicU64::new(1000),
             floor: Duration::from_secs(1),
             cost: AtomicU64::new(0),
+            pending: AtomicBool::new(false),
         }
     }
 
@@ -556,7 +596,7 @@ mod tests {
         // As if taken later than the margin: nothing is too recent to vouch for.
         let later = now_ns() + 2 * RACY_MARGIN_NS;
         for (rel, dir) in [("", base.to_path_buf()), ("d", base.join("d"))] {
-            let p = snapshot(rel.as_bytes(), &dir, later).unwrap();
+            let p = snapshot(rel.as_bytes(), &dir, later, None).unwrap();
             s.set().insert(p);
         }
         let mut buf = Vec::new();
@@ -597,12 +637,47 @@ mod tests {
     }
 
     #[test]
+    fn a_first_look_names_what_changed_since_the_directory_was_added() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        fs::create_dir(base.join("d")).unwrap();
+        fs::write(base.join("d/old"), "1").unwrap();
+        let s = shared(base);
+        let mut buf = Vec::new();
+        let look_all = |taken: i64, buf: &mut Vec<u8>| {
+            let mut changed = Vec::new();
+            for d in &mut s.set().dirs {
+                look(&s, d, taken, buf, &mut changed);
+            }
+            changed
+        };
+        let pending = |since: i64| Polled {
+            names: b"d\0".to_vec().into_boxed_slice(),
+            prints: Box::new([PENDING, since as u64]),
+        };
+        // Added long after everything in it changed: its first look names nothing.
+        let later = now_ns() + 2 * RACY_MARGIN_NS;
+        s.set().insert(pending(later));
+        assert!(look_all(later, &mut buf).is_empty());
+        // Added before a file was written and another removed: the file and the directory.
+        s.set().remove(b"d");
+        s.set().insert(pending(now_ns() - RACY_MARGIN_NS));
+        fs::write(base.join("d/new"), "2").unwrap();
+        let later = now_ns() + 2 * RACY_MARGIN_NS;
+        assert_eq!(
+            names(base, look_all(later, &mut buf)),
+            ["d", "d/new", "d/old"]
+        );
+        assert!(look_all(later, &mut buf).is_empty(), "then as any other");
+    }
+
+    #[test]
     fn removing_keeps_the_index_of_the_directory_moved_into_the_gap() {
         let tmp = tempfile::tempdir().unwrap();
         let s = shared(tmp.path());
         for d in ["a", "b", "c"] {
             fs::create_dir(tmp.path().join(d)).unwrap();
-            let p = snapshot(d.as_bytes(), &tmp.path().join(d), now_ns()).unwrap();
+            let p = snapshot(d.as_bytes(), &tmp.path().join(d), now_ns(), None).unwrap();
             s.set().insert(p);
         }
         s.set().remove(b"a");
