@@ -497,7 +497,7 @@ fn entry_print(key: &StatKey, taken: i64) -> u64 {
         h.write_u32(key.mode);
         return h.finish().max(PENDING + 1);
     }
-    print_of(&key, taken)
+    print_of(key, taken)
 }
 
 fn print_of(key: &StatKey, taken: i64) -> u64 {
