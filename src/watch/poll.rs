@@ -299,34 +299,29 @@ fn run(
             _ => return,
         }
         let cpu = CpuClock::start();
-        let (changed, dirs, first_looks) = pass(shared, &mut path);
-        if first_looks <= dirs / 10 {
-            // A pass that read many listings for the first time says little of the next.
-            shared.measured(cpu.elapsed(), dirs);
-        }
+        let (changed, dirs) = pass(shared, &mut path);
+        // A pass that took many first listings is dear: the wait after it is long, and the
+        // next passes bring it down by degrees. The average stays within the share.
+        shared.measured(cpu.elapsed(), dirs);
         if !changed.is_empty() && !deliver(tx, WatchMsg::Paths(changed), overflow) {
             return;
         }
     }
 }
 
-/// One look at every polled directory; the paths that changed, how many directories were
-/// looked at, and how many of them for the first time.
-fn pass(shared: &Shared, path: &mut Vec<u8>) -> (Vec<PathBuf>, usize, usize) {
+/// One look at every polled directory; the paths that changed, and how many directories were
+/// looked at.
+fn pass(shared: &Shared, path: &mut Vec<u8>) -> (Vec<PathBuf>, usize) {
     let taken = now_ns();
     let mut changed = Vec::new();
     let mut i = 0;
-    let mut first = 0;
     loop {
         let mut set = shared.set();
         if i >= set.dirs.len() {
-            return (changed, i, first);
+            return (changed, i);
         }
         let end = (i + CHUNK).min(set.dirs.len());
         for d in &mut set.dirs[i..end] {
-            if d.prints[0] == PENDING {
-                first += 1;
-            }
             look(shared, d, taken, path, &mut changed);
         }
         i = end;
