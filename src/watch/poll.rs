@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
@@ -129,8 +129,6 @@ struct Shared {
     floor: Duration,
     /// What a pass costs, smoothed, in microseconds per directory (times 1024).
     cost: AtomicU64,
-    /// Directories were added whose first look is still to come.
-    pending: AtomicBool,
 }
 
 impl Shared {
@@ -197,7 +195,6 @@ impl Poller {
                 interval_ms: AtomicU64::new(u64::try_from(floor.as_millis()).unwrap_or(1000)),
                 floor,
                 cost: AtomicU64::new(0),
-                pending: AtomicBool::new(false),
             }),
             stop: None,
             tx,
@@ -225,9 +222,9 @@ impl Poller {
         self.stop.is_some() && self.shared.set().find(self.rel(dir)).is_some()
     }
 
-    /// Polls `dirs` from now on. Their listings are taken by the polling thread, not here
-    /// (that would be a pass's work added to the start): its first look at a directory names
-    /// the directory itself, and each entry, that changed since this call.
+    /// Polls `dirs` from now on. Their listings are taken by the polling thread's next pass, not
+    /// here (that would be a pass's work added to the start): its first look at a directory
+    /// names the directory itself, and each entry, that changed since this call.
     pub(super) fn add(&mut self, dirs: &[PathBuf]) {
         if dirs.is_empty() {
             return;
@@ -246,7 +243,6 @@ impl Poller {
                 prints: Box::new([PENDING, since]),
             });
         }
-        self.shared.pending.store(true, Ordering::Relaxed);
         let n = set.dirs.len();
         drop(set);
         self.shared.update_interval(n);
@@ -289,11 +285,9 @@ fn run(
 ) {
     let mut path = Vec::with_capacity(256);
     loop {
-        let mut wait = Duration::from_millis(shared.interval_ms.load(Ordering::Relaxed));
-        if shared.pending.swap(false, Ordering::Relaxed) {
-            // New directories have no listing yet: taken soon, not a whole interval later.
-            wait = wait.min(shared.floor);
-        }
+        // New directories wait a whole interval for their first listing too: a listing costs
+        // more than a pass, and the first seconds of a watch count as much as any.
+        let wait = Duration::from_millis(shared.interval_ms.load(Ordering::Relaxed));
         match stopped.recv_timeout(wait) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,
@@ -566,7 +560,6 @@ mod tests {
             interval_ms: AtomicU64::new(1000),
             floor: Duration::from_secs(1),
             cost: AtomicU64::new(0),
-            pending: AtomicBool::new(false),
         }
     }
 
