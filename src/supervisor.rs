@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::builder::{describe_status, each_line, shell};
+use crate::builder::{describe_status, each_line, shell, tail_text};
 use crate::event::{Event, EventKind, Sink};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
@@ -119,18 +119,6 @@ pub enum Unhealthy {
         check: String,
         tail: Vec<String>,
     },
-}
-
-fn tail_text(tail: &[String]) -> String {
-    if tail.is_empty() {
-        return String::new();
-    }
-    let mut s = String::from("; its last lines:");
-    for l in tail {
-        s.push_str("\n    ");
-        s.push_str(l);
-    }
-    s
 }
 
 /// A free loopback port for a new instance.
