@@ -3,6 +3,16 @@
 #
 #   benches/watch.sh                          # RUNS=5 EDITS=15 IDLE_S=10, tree in /tmp/pmesh-bench-tree
 #   RUNS=9 EDITS=30 BENCH_DIR=/some/where benches/watch.sh
+#   RUNS=3 EDITS=9 benches/watch.sh deep      # the deep tree, and past the watch limit (below)
+#
+# `deep` generates (once) a tree of a JS monorepo's shape in $DEEP_DIR (/tmp/pmesh-bench-deep):
+# about 2 files a directory, $DEEP_DIRS (52000) directories, a git repository. For inotify on
+# every directory, then past the watch limit (PMESH_DEV_TEST_MAX_WATCHES = a quarter of the
+# directories: the shallowest keep inotify, three quarters are polled), it prints cold (no
+# digest cache: a checkout's first watch) and warm starts against git status, RSS per file after
+# each and after $IDLE_S_DEEP (30) idle seconds, idle CPU over those seconds, the poll interval
+# `watching` states, and edit to `build_started` beyond the debounce for a file in a shallow
+# (watched) and in the deepest (polled, past the limit) directory.
 #
 # It builds pmesh-dev in release, makes (or reuses) the ~100k-file tree of benches/hash.sh (its
 # generator is taken from that script, so both always measure the same tree), and runs
@@ -10,7 +20,8 @@
 # tree, build = ["true"], no run, debounce = $DEBOUNCE_MS). It prints:
 #   start to the `watching` event (process start to the line read; cache-warm: one start first),
 #       median of $RUNS starts          vs  git status --porcelain, median of $RUNS runs (interleaved);
-#       also $RUNS starts with --poll (no inotify watches), to show what adding the watches costs
+#       also $RUNS starts with --poll (no inotify watches: every directory's listing and stats
+#       are taken instead, for the passes to compare with)
 #   edit to `build_started` beyond the debounce, p50 and p95 over $EDITS edits of one file deep in
 #       the tree (from just before the write to the event line read, minus the debounce; each
 #       edit waits for the previous build_finished)
@@ -42,6 +53,198 @@ need=()
 command -v python3 >/dev/null || need+=(python3)
 command -v git >/dev/null || need+=(git)
 install_missing "${need[@]}"
+
+# --- `deep`: the deep tree, with inotify on every directory and past the watch limit -----------
+if [ "${1:-}" = deep ]; then
+    pick_pmesh
+    DEEP_DIR=${DEEP_DIR:-/tmp/pmesh-bench-deep}
+    DEEP_DIRS=${DEEP_DIRS:-52000}
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+    export HOME="$WORK" GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null
+    unset XDG_CONFIG_HOME GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE
+    marker="$DEEP_DIR/.git/pmesh-bench-deep-v1-$DEEP_DIRS"
+    if [ ! -e "$marker" ]; then
+        log "generating the deep tree in $DEEP_DIR ($DEEP_DIRS directories, about 2 files each)"
+        rm -rf "$DEEP_DIR"
+        python3 - "$DEEP_DIR" "$DEEP_DIRS" <<'PY'
+import os, random, sys
+root, want = sys.argv[1], int(sys.argv[2])
+rng = random.Random(52)
+NAMES = ("components utils hooks lib api services models views pages routes store helpers types "
+         "constants config styles assets icons locales core common shared internal features "
+         "widgets layouts forms tables charts auth admin settings __tests__ fixtures").split()
+os.makedirs(root)
+with open(os.path.join(root, ".gitignore"), "w") as f:
+    f.write("node_modules/\ndist/\n*.log\n.pmesh/\n")
+dirs, files = 1, 0
+def fill(d):
+    global files
+    for i in range(rng.choice((1, 2, 2, 2, 3))):
+        ext = rng.choice((".ts", ".tsx", ".js", ".json", ".css"))
+        with open(os.path.join(d, "f%d%s" % (i, ext)), "w") as f:
+            f.write("// %s\n" % os.path.relpath(d, root) + "x" * rng.randint(100, 3000) + "\n")
+        files += 1
+# Packages of nested directories, breadth first within each, 2 or 3 children a directory.
+pkg = 0
+while dirs < want:
+    top = os.path.join(root, "packages", "pkg-%04d" % pkg, "src")
+    os.makedirs(top)
+    dirs += 3 if pkg == 0 else 2
+    fill(top)
+    level, size = [top], rng.randint(60, 200)
+    while level and size > 0 and dirs < want:
+        nxt = []
+        for d in level:
+            for name in rng.sample(NAMES, rng.choice((2, 2, 3))):
+                if size <= 0 or dirs >= want:
+                    break
+                c = os.path.join(d, name)
+                os.mkdir(c)
+                fill(c)
+                nxt.append(c)
+                dirs += 1
+                size -= 1
+        level = nxt
+    pkg += 1
+print("generated %d directories, %d files" % (dirs, files), file=sys.stderr)
+PY
+        git -C "$DEEP_DIR" init -q
+        git -C "$DEEP_DIR" add -A
+        git -C "$DEEP_DIR" -c user.name=bench -c user.email=bench@localhost commit -qm "deep tree"
+        git -C "$DEEP_DIR" config gc.auto 0
+        printf '%s\n' '/.run' '/.run.tmp-*' '/.build' '/.build-*' >>"$DEEP_DIR/.git/info/exclude"
+        touch "$marker"
+    fi
+    printf '[services.deep]\nroot = "%s"\nbuild = ["true"]\ndebounce = "%sms"\n' \
+        "$DEEP_DIR" "$DEBOUNCE_MS" >"$WORK/pmesh.toml"
+    ndirs=$(find "$DEEP_DIR" -path "$DEEP_DIR/.git" -prune -o -path "$DEEP_DIR/.pmesh" -prune \
+        -o -name '.build*' -prune -o -type d -print | wc -l)
+    shallow=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF == 4 && f == "" {f = $0} END {print f}')
+    deepest=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF > best {best = NF; f = $0} END {print f}')
+    log "deep tree: $ndirs directories; edits of $shallow (shallow) and $deepest (deepest)"
+    PMESH_BENCHES="$REPO/benches" python3 - "$PMESH" "$WORK/pmesh.toml" "$DEEP_DIR" "$shallow" \
+        "$deepest" "$RUNS" "$EDITS" "${IDLE_S_DEEP:-30}" "$DEBOUNCE_MS" "$ndirs" "$WORK" <<'PY' || true
+import os, shutil, statistics, subprocess, sys, time
+pm, manifest, tree, shallow, deepest, runs, edits, idle_s, debounce_ms, ndirs, work = sys.argv[1:]
+runs, edits, idle_s, debounce_ms = int(runs), int(edits), float(idle_s), float(debounce_ms)
+ndirs = int(ndirs)
+sys.path.insert(0, os.environ["PMESH_BENCHES"])
+import events
+TICK = os.sysconf("SC_CLK_TCK")
+now = time.monotonic
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+def proc(w, key):
+    with open("/proc/%d/status" % w.p.pid) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+def cpu(w):
+    with open("/proc/%d/stat" % w.p.pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+def settle(w):
+    item = w.next(0.5)
+    while item is not None:
+        if item[1].get("event") == "build_started":
+            w.wait_for(lambda e: e.get("event") == "build_finished", 120, "build_finished")
+        item = w.next(0.5)
+
+def git_status():
+    t0 = now()
+    subprocess.run(["git", "status", "--porcelain"], cwd=tree, stdout=subprocess.DEVNULL)
+    return now() - t0
+
+def start(limit, cold):
+    """A watch (past a watch limit of `limit` if set), cold: without its digest cache."""
+    if cold:
+        shutil.rmtree(os.path.join(tree, ".pmesh"), ignore_errors=True)
+    if limit:
+        os.environ["PMESH_DEV_TEST_MAX_WATCHES"] = str(limit)
+    else:
+        os.environ.pop("PMESH_DEV_TEST_MAX_WATCHES", None)
+    w = events.Watch([pm, "watch", "--json", "--manifest", manifest], work,
+                     os.path.join(work, "watch.stderr"))
+    t, ev = w.wait_for(lambda e: e.get("event") == "watching", 600, "watching")
+    return w, t - w.t0, ev
+
+def edit_latency(w, rel, n):
+    """ms from a write of `rel` to `build_started`, beyond the debounce, for `n` edits."""
+    path = os.path.join(tree, rel)
+    out = []
+    for i in range(n):
+        w.drain(0.2)
+        t0 = now()
+        with open(path, "ab") as f:
+            f.write(b"// edit %d\n" % i)
+        t, ev = w.wait_for(lambda e: e.get("event") == "build_started", 120, "build_started")
+        out.append((t - t0) * 1e3 - debounce_ms)
+        bid = ev.get("id")
+        w.wait_for(lambda e: e.get("event") == "build_finished" and e.get("id") == bid, 120,
+                   "build_finished")
+    return out
+
+originals = {r: open(os.path.join(tree, r), "rb").read() for r in (shallow, deepest)}
+rows = []
+try:
+    git_status(); time.sleep(2.2)
+    for name, limit in (("inotify on every directory", 0),
+                        ("past the watch limit (a quarter watched)", ndirs // 4)):
+        log("%s:" % name)
+        cold, warm, gst, rss_cold, rss_warm = [], [], [], [], []
+        for i in range(runs):
+            for is_cold in (True, False):
+                w, t, ev = start(limit, is_cold)
+                settle(w)
+                (cold if is_cold else warm).append(t)
+                (rss_cold if is_cold else rss_warm).append(proc(w, "VmRSS") / ev.get("files", 1))
+                w.stop(timeout=60)
+            gst.append(git_status())
+            log("  run %d: cold %.0f ms, warm %.0f ms, git status %.0f ms; RSS/file cold %.0f B, warm %.0f B"
+                % (i + 1, cold[-1] * 1e3, warm[-1] * 1e3, gst[-1] * 1e3, rss_cold[-1], rss_warm[-1]))
+        w, t, ev = start(limit, False)
+        settle(w)
+        time.sleep(1)
+        c0, t0 = cpu(w), now()
+        w.drain(idle_s)
+        c1, t1 = cpu(w), now()
+        idle = (c1 - c0) / TICK / (t1 - t0)
+        rss_idle = proc(w, "VmRSS") / ev.get("files", 1)
+        log("  idle: %.1f %% of a core; edits" % (idle * 100))
+        lat_w = edit_latency(w, shallow, edits)
+        lat_p = edit_latency(w, deepest, edits if not limit else max(3, edits // 3))
+        w.stop(timeout=60)
+        rows.append((name, ev, statistics.median(cold), statistics.median(warm),
+                     statistics.median(gst), statistics.median(rss_cold),
+                     statistics.median(rss_warm), rss_idle, idle, lat_w, lat_p))
+finally:
+    for r, b in originals.items():
+        with open(os.path.join(tree, r), "wb") as f:
+            f.write(b)
+    subprocess.run(["git", "status", "--porcelain"], cwd=tree, stdout=subprocess.DEVNULL)
+
+print()
+print("pmesh-dev watch on a deep tree: %s (medians of %d starts)" % (tree, runs))
+for (name, ev, cold, warm, gst, rc, rw, ri, idle, lw, lp) in rows:
+    print("  %s: %d files in %d directories, mode %s, %d polled every %d ms"
+          % (name, ev.get("files"), ev.get("dirs"), ev.get("mode"), ev.get("polled_dirs", 0),
+             ev.get("poll_interval_ms", 0)))
+    print("    cold start %.0f ms (%.2fx git status, %.0f ms), warm %.0f ms (%.2fx)"
+          % (cold * 1e3, cold / gst, gst * 1e3, warm * 1e3, warm / gst))
+    print("    RSS per file: %.0f B after a cold start, %.0f B after a warm one, %.0f B after %g s idle"
+          % (rc, rw, ri, idle_s))
+    print("    idle CPU over %g s: %.1f %% of a core" % (idle_s, idle * 100))
+    print("    edit to build_started beyond the debounce: shallow file p50 %.1f ms (max %.1f, %d edits), "
+          "deepest file p50 %.1f ms (max %.1f, %d edits)"
+          % (statistics.median(lw), max(lw), len(lw), statistics.median(lp), max(lp), len(lp)))
+PY
+    exit 0
+fi
 
 # --- pmesh-dev --------------------------------------------------------------------------------
 pick_pmesh
@@ -195,8 +398,9 @@ try:
         log("  run %d: pmesh-dev %.1f ms (startup_ms %s, cpu %.0f ms), git status %.1f ms (cpu %.0f ms)"
             % (i + 1, starts[-1] * 1e3, startup_ms[-1], cpu * 1e3, gst[-1] * 1e3, gst_cpu[-1] * 1e3))
 
-    # The same start without inotify (--poll): what setting up the watches costs.
-    log("start with --poll (no inotify watches), for the breakdown (%d runs)" % runs)
+    # The same start with polling (--poll): its first listing of every directory in place of
+    # the watches.
+    log("start with --poll (no inotify watches), for comparison (%d runs)" % runs)
     poll_starts = []
     for i in range(runs):
         w = Watch("--poll"); procs.append(w)
@@ -289,8 +493,8 @@ print(row % ("start to `watching`", ms(m_start), "git status --porcelain", ms(m_
 print(row % ("  cpu (user+sys) of that start", ms(med(r["start_cpu"])), "git status cpu",
              ms(med(r["gst_cpu"])), "%.2fx" % (med(r["start_cpu"]) / med(r["gst_cpu"])), "", ""))
 print(row % ("  its own startup_ms", "%.0f ms" % med(r["startup_ms"]), "", "", "", "", ""))
-print(row % ("  start with --poll (no watches)", ms(med(r["poll_starts"])), "so adding the watches",
-             ms(m_start - med(r["poll_starts"])), "", "", ""))
+print(row % ("  start with --poll (no watches)", ms(med(r["poll_starts"])), "so the watches save",
+             ms(med(r["poll_starts"]) - m_start), "", "", ""))
 print(row % ("edit to build_started - debounce", "p50 %.1f ms" % p50, "", "", "", "< 10 ms",
              verdict(p50 < 10)))
 print(row % ("", "p95 %.1f ms" % p95, "", "", "", "", ""))

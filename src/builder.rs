@@ -65,32 +65,31 @@ fn step_failure(
     status: &ExitStatus,
     tail: &[String],
 ) -> String {
-    let mut s = format!(
-        "step {} of {count} (`{step}`) failed with {}",
+    format!(
+        "step {} of {count} (`{step}`) failed with {}{}",
         index + 1,
-        describe_status(status)
-    );
-    if !tail.is_empty() {
-        s.push_str("; its last lines:");
-        for l in tail {
-            s.push_str("\n    ");
-            s.push_str(l);
-        }
-    }
-    s
+        describe_status(status),
+        tail_text(tail)
+    )
 }
 
 fn install_failure(command: &str, status: &ExitStatus, tail: &[String]) -> String {
-    let mut s = format!(
-        "install (`{command}`) failed with {}",
-        describe_status(status)
-    );
-    if !tail.is_empty() {
-        s.push_str("; its last lines:");
-        for l in tail {
-            s.push_str("\n    ");
-            s.push_str(l);
-        }
+    format!(
+        "install (`{command}`) failed with {}{}",
+        describe_status(status),
+        tail_text(tail)
+    )
+}
+
+/// `; its last lines:` and the lines, indented one a line; nothing without lines.
+pub(crate) fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("; its last lines:");
+    for l in tail {
+        s.push_str("\n    ");
+        s.push_str(l);
     }
     s
 }

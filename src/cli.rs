@@ -48,7 +48,11 @@ pub enum Command {
         /// One JSON event per line on stdout.
         #[arg(long)]
         json: bool,
-        /// Poll the trees instead of using inotify (network or virtual filesystems).
+        /// How changes are seen: inotify (Linux), the system's native watcher (FSEvents on
+        /// macOS), or polling; `auto` picks the first the system has.
+        #[arg(long, value_enum, default_value_t = crate::watch::Backend::Auto)]
+        watcher: crate::watch::Backend,
+        /// Poll the trees (network or virtual filesystems): `--watcher poll`.
         #[arg(long)]
         poll: bool,
     },
@@ -144,8 +148,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             services,
             no_tui,
             json,
+            watcher,
             poll,
-        } => watch(manifest, &services, json, poll, no_tui),
+        } => {
+            let watcher = if poll {
+                crate::watch::Backend::Poll
+            } else {
+                watcher
+            };
+            watch(manifest, &services, json, watcher, no_tui)
+        }
         Command::Build {
             services,
             force,
@@ -195,7 +207,7 @@ fn watch(
     manifest: Option<&Path>,
     names: &[String],
     json: bool,
-    poll: bool,
+    watcher: crate::watch::Backend,
     no_tui: bool,
 ) -> Result<u8> {
     use std::io::IsTerminal;
@@ -208,7 +220,7 @@ fn watch(
         (false, true) => Format::Json,
         (false, false) => Format::Plain,
     };
-    let opts = crate::engine::WatchOptions { poll };
+    let opts = crate::engine::WatchOptions { watcher };
     crate::builder::force_colour(tui || (format == Format::Plain && crate::log::colour_terminal()));
     // Each root is held for the whole watch; a second pmesh-dev on it is refused.
     let locks = crate::session::Session::lock_all(&services)?;

@@ -28,11 +28,15 @@ impl Event {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
-    /// The service's tree is watched; `mode` is `inotify` or `poll`.
+    /// The service's tree is watched; `mode` is `inotify`, `fsevents`, `native` or `poll`.
+    /// `polled_dirs` of the `dirs` are polled (past the watch limit, or all of them), one
+    /// pass every `poll_interval_ms` for now (it grows with what a pass costs).
     Watching {
         files: usize,
         dirs: usize,
         mode: String,
+        polled_dirs: usize,
+        poll_interval_ms: u64,
         startup_ms: u64,
         /// Where the service is reached (its proxy), when it is served.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -19,5 +19,6 @@ pub mod proxy;
 pub mod session;
 pub mod store;
 pub mod supervisor;
+pub mod sys;
 pub mod tui;
 pub mod watch;

@@ -129,9 +129,16 @@ impl Printer {
                 mode,
                 startup_ms,
                 url,
+                polled_dirs,
+                poll_interval_ms,
             } => {
+                let polled = match *polled_dirs {
+                    0 => String::new(),
+                    n if n == *dirs => format!(" every {}", human_ms(*poll_interval_ms)),
+                    n => format!("; {n} polled every {}", human_ms(*poll_interval_ms)),
+                };
                 let mut s = format!(
-                    "watching {} in {} ({mode}, ready in {})",
+                    "watching {} in {} ({mode}{polled}, ready in {})",
                     plural(*files, "file"),
                     plural(*dirs, "directory"),
                     human_ms(*startup_ms)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::builder::{describe_status, each_line, shell};
+use crate::builder::{describe_status, each_line, shell, tail_text};
 use crate::event::{Event, EventKind, Sink};
 use crate::guardian::{self, Guardian};
 use crate::hash::BuildId;
@@ -119,18 +119,6 @@ pub enum Unhealthy {
         check: String,
         tail: Vec<String>,
     },
-}
-
-fn tail_text(tail: &[String]) -> String {
-    if tail.is_empty() {
-        return String::new();
-    }
-    let mut s = String::from("; its last lines:");
-    for l in tail {
-        s.push_str("\n    ");
-        s.push_str(l);
-    }
-    s
 }
 
 /// A free loopback port for a new instance.
@@ -451,7 +439,7 @@ impl Records {
     }
 
     fn add(&self, pid: i32) {
-        if let Some(start) = start_time(pid) {
+        if let Some(start) = crate::sys::process_start_time(pid) {
             self.edit(|l| l.push((pid, start)));
         }
     }
@@ -472,14 +460,6 @@ fn read_records(path: &Path) -> Vec<(i32, u64)> {
         .collect()
 }
 
-/// The start time of process `pid` (in clock ticks since boot), from `/proc/PID/stat`.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses; fields resume after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Stops instances a crashed pmesh-dev left in `store`'s root: only groups whose leader is
 /// still the very process recorded (same pid, same start time). Returns how many.
 pub fn reap_leftovers(store: &Store) -> usize {
@@ -487,7 +467,7 @@ pub fn reap_leftovers(store: &Store) -> usize {
     let list = read_records(&path);
     let alive: Vec<i32> = list
         .iter()
-        .filter(|(pid, start)| start_time(*pid) == Some(*start))
+        .filter(|(pid, start)| crate::sys::process_start_time(*pid) == Some(*start))
         .map(|(pid, _)| *pid)
         .collect();
     if !alive.is_empty() {

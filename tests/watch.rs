@@ -37,11 +37,10 @@ fn changed_of(e: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn edits_build_once_and_ignored_or_unchanged_files_do_not() {
+fn edits_build_once_and_ignored_or_unchanged_files_do_not(watcher: &str) {
     let t = Tmp::new();
     copying_service(&t, "debounce = \"50ms\"\nignore = [\"*.tmp\"]");
-    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
     let first = w.next_build("app");
     assert_eq!(first["ok"], true);
     let root = t.join("app");
@@ -95,11 +94,10 @@ fn set_mtime(path: &std::path::Path, t: std::time::SystemTime) {
     f.set_modified(t).expect("set mtime");
 }
 
-#[test]
-fn atomic_saves_new_directories_deletes_and_renames_are_seen() {
+fn atomic_saves_new_directories_deletes_and_renames_are_seen(watcher: &str) {
     let t = Tmp::new();
     copying_service(&t, "");
-    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
     w.next_build("app");
 
     // An editor's atomic save: write a temporary file, rename it over the target.
@@ -189,12 +187,11 @@ fn hashed_paths(t: &Tmp) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn editing_gitignore_reloads_the_rules() {
+fn editing_gitignore_reloads_the_rules(watcher: &str) {
     let t = Tmp::new();
     copying_service(&t, "");
     t.write("app/notes.md", "notes\n");
-    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
     w.next_build("app");
     assert!(hashed_paths(&t).contains(&"notes.md".to_owned()));
 
@@ -220,8 +217,7 @@ fn editing_gitignore_reloads_the_rules() {
     assert_eq!(w.interrupt(), Some(0));
 }
 
-#[test]
-fn a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree() {
+fn a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree(watcher: &str) {
     let t = Tmp::new();
     let marker = format!("pmesh-slow-{}", std::process::id());
     one_service(
@@ -233,7 +229,7 @@ fn a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree() {
         "",
     );
     t.write("app/v.txt", "fast 1\n");
-    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
     w.next_build("app");
     let root = t.join("app");
 
@@ -270,8 +266,9 @@ fn a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree() {
     assert_eq!(w.interrupt(), Some(0));
 }
 
-#[test]
-fn a_build_ending_while_an_unchanged_save_is_debounced_still_leads_to_the_newest_build() {
+fn a_build_ending_while_an_unchanged_save_is_debounced_still_leads_to_the_newest_build(
+    watcher: &str,
+) {
     // A stale build that takes 2 s to die (it ignores SIGTERM), and an unchanged save whose
     // quiet period is open when it does: the decision its end asked for must still be made.
     let t = Tmp::new();
@@ -286,7 +283,7 @@ fn a_build_ending_while_an_unchanged_save_is_debounced_still_leads_to_the_newest
     );
     t.write("app/v.txt", "fast 1\n");
     t.write("app/other.txt", "same\n");
-    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
     w.next_build("app");
 
     t.write("app/v.txt", "slow\n");
@@ -347,11 +344,15 @@ fn a_failed_build_keeps_the_live_one_and_the_next_edit_tries_again() {
     assert_eq!(w.interrupt(), Some(0));
 }
 
-#[test]
-fn lost_events_lead_to_a_rescan_that_still_sees_the_edit() {
+fn lost_events_lead_to_a_rescan_that_still_sees_the_edit(watcher: &str) {
     let t = Tmp::new();
     copying_service(&t, "");
-    let mut w = Watch::start(&t, &[], &[("PMESH_DEV_TEST_OVERFLOW", "1")], &["app"]);
+    let mut w = Watch::start(
+        &t,
+        &["--watcher", watcher],
+        &[("PMESH_DEV_TEST_OVERFLOW", "1")],
+        &["app"],
+    );
     w.next_build("app");
     t.write("app/src/main.txt", "seen through a rescan\n");
     w.wait_for(10.0, |e| e["event"] == "rescan")
@@ -361,49 +362,124 @@ fn lost_events_lead_to_a_rescan_that_still_sees_the_edit() {
     assert_eq!(w.interrupt(), Some(0));
 }
 
-#[test]
-fn reaching_the_watch_limit_falls_back_to_polling_and_says_how_to_raise_it() {
+/// Past the watch limit the shallowest directories keep their watches and the rest is polled;
+/// an edit under either builds.
+fn past_the_watch_limit_the_rest_is_polled_and_edits_under_both_build(watcher: &str) {
     let t = Tmp::new();
     copying_service(&t, "");
     t.write("app/src/more/x.txt", "x\n");
-    let mut w = Watch::start(&t, &[], &[("PMESH_DEV_TEST_MAX_WATCHES", "2")], &["app"]);
+    let args = ["--watcher", watcher];
+    let mut w = Watch::start(&t, &args, &[("PMESH_DEV_TEST_MAX_WATCHES", "2")], &["app"]);
     let watching = w
         .seen
         .iter()
         .find(|e| e["event"] == "watching")
         .cloned()
         .expect("watching");
-    assert_eq!(watching["mode"], "poll");
-    let warning = w
-        .seen
-        .iter()
-        .find(|e| e["event"] == "warning")
-        .cloned()
-        .expect("a warning");
+    assert_eq!(
+        watching["mode"],
+        if watcher == "native" {
+            "native"
+        } else {
+            "inotify"
+        }
+    );
+    assert_eq!(watching["dirs"], 3, "{watching}");
+    // app/src/more (the manifest is the session's to watch, not the engine's).
+    assert_eq!(watching["polled_dirs"], 1, "{watching}");
+    assert!(
+        watching["poll_interval_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 1000),
+        "{watching}"
+    );
+    // Said as the watches are added, so it may come just after `watching`.
+    let warning = match w.seen.iter().find(|e| e["event"] == "warning") {
+        Some(e) => e.clone(),
+        None => (w.wait_for(5.0, |e| e["event"] == "warning")).expect("a warning"),
+    };
     let msg = warning["message"].as_str().unwrap_or("");
     assert!(msg.contains("sysctl fs.inotify.max_user_watches="), "{msg}");
+    assert!(msg.contains("2 watched directories, 1 polled"), "{msg}");
     w.next_build("app");
+
+    // Watched: seen at once (well within the poll interval).
+    let t0 = Instant::now();
+    t.write("app/src/main.txt", "watched\n");
+    w.next_build("app");
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(t.read("app/.run/src/main.txt"), "watched\n");
+
+    // Polled: seen within a pass or two.
     t.write("app/src/more/x.txt", "polled\n");
     w.next_build("app");
     assert_eq!(t.read("app/.run/src/more/x.txt"), "polled\n");
+    // A new file and a new directory in a polled directory.
+    t.write("app/src/more/deeper/y.txt", "new\n");
+    w.next_build("app");
+    assert_eq!(t.read("app/.run/src/more/deeper/y.txt"), "new\n");
+    assert_eq!(w.interrupt(), Some(0));
+}
+
+/// A directory renamed over another (empty) one: the tree reads the directory named again
+/// instead of keeping what the old one held, and edits inside it build.
+fn a_directory_renamed_into_the_place_of_another_is_read_again(watcher: &str) {
+    let t = Tmp::new();
+    copying_service(&t, "");
+    t.write("app/d/.keep", "");
+    fs::remove_file(t.join("app/d/.keep")).expect("empty d");
+    t.write("app/staging/sub/x.txt", "x1\n");
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
+    w.next_build("app");
+    // rename(2) replaces an empty directory.
+    fs::rename(t.join("app/staging"), t.join("app/d")).expect("rename over d");
+    w.next_build("app");
+    assert_eq!(t.read("app/.run/d/sub/x.txt"), "x1\n");
+    assert!(!t.join("app/.run/staging").exists());
+    // Its subdirectory is watched under its new path.
+    t.write("app/d/sub/x.txt", "x2\n");
+    w.next_build("app");
+    assert_eq!(t.read("app/.run/d/sub/x.txt"), "x2\n");
     assert_eq!(w.interrupt(), Some(0));
 }
 
 #[test]
-fn poll_mode_sees_edits() {
+fn poll_mode_sees_edits_new_directories_and_deletes() {
     let t = Tmp::new();
     copying_service(&t, "");
     let mut w = Watch::start(&t, &["--poll"], &[], &["app"]);
-    assert!(w.seen.iter().any(|e| e["mode"] == "poll"));
+    let watching = (w.seen.iter())
+        .find(|e| e["event"] == "watching")
+        .cloned()
+        .expect("watching");
+    assert_eq!(watching["mode"], "poll");
+    assert_eq!(watching["polled_dirs"], 2, "{watching}");
+    assert_eq!(watching["dirs"], 2, "{watching}");
     w.next_build("app");
     t.write("app/src/main.txt", "polled\n");
     w.next_build("app");
     assert_eq!(t.read("app/.run/src/main.txt"), "polled\n");
+    t.write("app/src/new/n.txt", "new\n");
+    w.next_build("app");
+    assert_eq!(t.read("app/.run/src/new/n.txt"), "new\n");
+    // Polled as soon as it is found: an edit inside it builds too.
+    t.write("app/src/new/n.txt", "newer\n");
+    w.next_build("app");
+    assert_eq!(t.read("app/.run/src/new/n.txt"), "newer\n");
+    fs::remove_dir_all(t.join("app/src/new")).expect("remove");
+    w.next_build("app");
+    assert!(!t.join("app/.run/src/new").exists());
+    // Nothing changed: no build, however many passes.
+    let quiet = w.quiet_for(2.5);
+    assert_eq!(builds_in(&quiet), 0, "{quiet:#?}");
     assert_eq!(w.interrupt(), Some(0));
 }
 
-#[test]
-fn two_services_build_independently() {
+fn two_services_build_independently(watcher: &str) {
     let t = Tmp::new();
     copy_fixtures(t.path());
     // The demo's fixed ports could be taken on this machine; serve on free ones.
@@ -412,7 +488,7 @@ fn two_services_build_independently() {
         .replace("listen = 8081", &format!("listen = {}", free_port()))
         .replace("listen = 8082", &format!("listen = {}", free_port()));
     t.write("pmesh.toml", &toml);
-    let mut w = Watch::start(&t, &[], &[], &["site", "api"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["site", "api"]);
     for svc in ["site", "api"] {
         let done = |e: &serde_json::Value| e["event"] == "build_finished" && e["service"] == svc;
         if !w.seen.iter().any(done) {
@@ -443,15 +519,14 @@ fn two_services_build_independently() {
     assert_eq!(w.interrupt(), Some(0));
 }
 
-#[test]
-fn a_build_that_writes_into_its_own_tree_is_stopped_with_advice() {
+fn a_build_that_writes_into_its_own_tree_is_stopped_with_advice(watcher: &str) {
     let t = Tmp::new();
     one_service(
         &t,
         &["date +%s%N > stamp.txt; cp stamp.txt \"$PMESH_BUILD_DIR/\""],
         "",
     );
-    let mut w = Watch::start(&t, &[], &[], &["app"]);
+    let mut w = Watch::start(&t, &["--watcher", watcher], &[], &["app"]);
     let looped = w
         .wait_for(30.0, |e| e["event"] == "loop_detected")
         .unwrap_or_else(|| panic!("no loop_detected: {:#?}", w.seen));
@@ -483,3 +558,35 @@ fn sigint_during_a_build_exits_0_and_leaves_nothing_running() {
     );
     assert!(!t.join("app/.build").exists());
 }
+
+/// Each of these runs against inotify and against notify's own inotify backend, the portable
+/// path (FSEvents and ReadDirectoryChangesW go through the same code).
+macro_rules! each_watcher {
+    ($($name:ident),* $(,)?) => {
+        mod inotify {
+            $(#[test]
+            fn $name() {
+                super::$name("inotify")
+            })*
+        }
+        mod native {
+            $(#[test]
+            fn $name() {
+                super::$name("native")
+            })*
+        }
+    };
+}
+
+each_watcher!(
+    edits_build_once_and_ignored_or_unchanged_files_do_not,
+    atomic_saves_new_directories_deletes_and_renames_are_seen,
+    editing_gitignore_reloads_the_rules,
+    a_change_during_a_slow_build_cancels_it_and_builds_the_newest_tree,
+    a_build_ending_while_an_unchanged_save_is_debounced_still_leads_to_the_newest_build,
+    lost_events_lead_to_a_rescan_that_still_sees_the_edit,
+    two_services_build_independently,
+    a_build_that_writes_into_its_own_tree_is_stopped_with_advice,
+    past_the_watch_limit_the_rest_is_polled_and_edits_under_both_build,
+    a_directory_renamed_into_the_place_of_another_is_read_again,
+);

@@ -29,26 +29,18 @@ use crate::manifest::{DEFAULT_POLL, Service};
 use crate::pipeline::{self, Job, Outcome, StepsRunning};
 use crate::store::Store;
 use crate::supervisor;
+use crate::sys::trim_heap;
 use crate::watch::{self, DirWatcher, WatchError, WatchMsg};
 
 /// The digest cache is written at most this often while watching (and always at exit): on a
 /// big tree it is tens of megabytes, and only the next start reads it.
 const SAVE_EVERY: Duration = Duration::from_secs(30);
 
-/// Hands memory freed by a full walk back to the system. glibc keeps freed memory in its
-/// per-thread arenas; after the walk's threads are idle, nothing else would release it.
-fn trim_heap() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// How `watch` was asked to run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WatchOptions {
-    /// Poll every service's tree instead of using inotify.
-    pub poll: bool,
+    /// Which watcher backend (`--watcher`; `--poll` is `poll`).
+    pub watcher: watch::Backend,
 }
 
 /// The build in progress.
@@ -153,11 +145,8 @@ pub async fn run(
         sink,
         shutdown: shutdown.clone(),
         watcher: None,
-        poll: if opts.poll {
-            Some(svc.poll.unwrap_or(DEFAULT_POLL))
-        } else {
-            svc.poll
-        },
+        // Set only when no watcher can be made: then the whole tree is rescanned.
+        poll: None,
         svc,
         tree: Some(tree),
         build_waiters: Vec::new(),
@@ -174,8 +163,15 @@ pub async fn run(
     }
     if engine.poll.is_none() {
         let tree = engine.tree();
+        // `poll` in the manifest, like `--poll`, polls every directory.
+        let backend = match engine.svc.poll {
+            Some(_) => watch::Backend::Poll,
+            None => opts.watcher,
+        };
+        let every = engine.svc.poll.unwrap_or(DEFAULT_POLL);
         let added = tokio::task::block_in_place(|| {
-            let mut w = DirWatcher::new(tx.clone(), tree.root().to_path_buf())?;
+            let root = tree.root().to_path_buf();
+            let mut w = DirWatcher::new(backend, every, tx.clone(), root)?;
             w.add(tree.dir_paths())?;
             Ok::<_, WatchError>(w)
         });
@@ -187,15 +183,16 @@ pub async fn run(
     trim_heap();
     drop(tx);
     let (files, dirs) = (engine.tree().files(), engine.tree().dirs());
+    let (mode, (polled_dirs, every)) = match (&engine.watcher, engine.poll) {
+        (Some(w), None) => (w.mode(), w.polled()),
+        (_, every) => ("poll", (dirs, every.unwrap_or(DEFAULT_POLL))),
+    };
     engine.emit(EventKind::Watching {
         files,
         dirs,
-        mode: if engine.poll.is_some() {
-            "poll"
-        } else {
-            "inotify"
-        }
-        .to_owned(),
+        mode: mode.to_owned(),
+        polled_dirs,
+        poll_interval_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
         startup_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         url: deploy::url_of(&engine.svc).filter(|_| engine.svc.serves()),
     });

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
@@ -73,6 +73,7 @@ pub fn list(
     _path: &std::path::Path,
     mut each: impl FnMut(&[u8], Option<EntryType>),
 ) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
     DIR_BUF.with_borrow_mut(|buf| {
         if buf.is_empty() {
             buf.resize(32 << 10, 0);

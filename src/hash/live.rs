@@ -66,6 +66,7 @@ impl LiveTree {
     /// Walks the whole tree, trusting the persisted digest cache where the racy rule allows.
     pub fn scan(spec: &HashSpec) -> Result<(LiveTree, Vec<String>), HashError> {
         let cache = DigestCache::load(&spec.root.join(CACHE_FILE));
+        let cold = cache.is_empty();
         let mut tree = LiveTree {
             root: spec.root.to_path_buf(),
             ignore_root: spec.ignore_root.to_path_buf(),
@@ -83,6 +84,12 @@ impl LiveTree {
         let out = tree.walk_all()?;
         let warnings = out.warnings.clone();
         tree.replace(out);
+        if cold {
+            // The first watch of a checkout made every record on the heap, where they would
+            // stay until the first save (the RSS of a cold start was twice a warm one's):
+            // written now, the file takes their place, mapped, as after any save.
+            tree.save_cache();
+        }
         Ok((tree, warnings))
     }
 
@@ -206,16 +213,14 @@ impl LiveTree {
             .is_ok_and(|rel| self.dirs.contains(rel.as_os_str().as_bytes()))
     }
 
-    /// Whether `path` is inside a directory of the tree and not excluded by a fixed rule: the
-    /// events worth reading. Ignore rules are applied by [`LiveTree::apply`].
+    /// Whether `path` is the root or inside a directory of the tree and not excluded by a fixed
+    /// rule: the events worth reading. Ignore rules are applied by [`LiveTree::apply`].
     pub fn concerns(&self, path: &Path) -> bool {
         let Ok(rel) = path.strip_prefix(&self.root) else {
             return false;
         };
-        !rel.as_os_str().is_empty()
-            && !rel
-                .components()
-                .any(|c| always_excluded(c.as_os_str().as_bytes()))
+        !rel.components()
+            .any(|c| always_excluded(c.as_os_str().as_bytes()))
             && !self.exclude.iter().any(|x| x == path)
     }
 
@@ -226,6 +231,7 @@ impl LiveTree {
         let mut changed = BTreeSet::new();
         let mut added: Vec<Box<[u8]>> = Vec::new();
         let mut rules = false;
+        let mut whole = false;
         for p in paths {
             if !self.concerns(p) {
                 continue;
@@ -233,6 +239,11 @@ impl LiveTree {
             let Ok(rel) = p.strip_prefix(&self.root) else {
                 continue;
             };
+            if rel.as_os_str().is_empty() {
+                // The root named alone: everything is read again, below.
+                whole = true;
+                continue;
+            }
             let rel_b: Box<[u8]> = rel.as_os_str().as_bytes().into();
             let name = rel.file_name().map_or(&b""[..], |n| n.as_bytes());
             if IGNORE_FILES.iter().any(|f| f.as_bytes() == name) {
@@ -259,7 +270,13 @@ impl LiveTree {
                 }
             };
             if meta.is_dir() {
-                if self.dirs.contains(&rel_b) || level.is_ignored(p, true) {
+                if level.is_ignored(p, true) {
+                    continue;
+                }
+                if self.dirs.contains(&rel_b) {
+                    // A directory named again: another one renamed into its place, or a
+                    // watcher that coalesced what happened in it (FSEvents) or a poll.
+                    self.reread(&rel_b, p, level, &mut changed, &mut added, &mut change)?;
                     continue;
                 }
                 self.remove(&rel_b, &mut changed, &mut change.unwatch);
@@ -316,13 +333,21 @@ impl LiveTree {
                 None => self.remove(&rel_b, &mut changed, &mut change.unwatch),
             }
         }
-        if rules {
+        if rules || whole {
             let mut full = self.rescan()?;
-            full.rules_reloaded = true;
+            full.rules_reloaded = rules;
             full.changed.extend(changed.iter().map(|p| lossy(p)));
             full.changed.sort();
             full.changed.dedup();
             full.warnings.extend(change.warnings);
+            // What this update's own reads found: the walk compared with the tree they left.
+            let dirs = &self.dirs;
+            (change.watch).retain(|d| {
+                d.strip_prefix(&self.root)
+                    .is_ok_and(|r| dirs.contains(r.as_os_str().as_bytes()))
+            });
+            full.watch.extend(change.watch);
+            full.unwatch.extend(change.unwatch);
             return Ok(full);
         }
         // A path that came and went within this update never took part.
@@ -345,6 +370,66 @@ impl LiveTree {
             self.id = self.compute_id(from);
         }
         Ok(change)
+    }
+
+    /// Reads the directory `rel` (at `abs`, taking part already) and everything below it again
+    /// through the cache, which vouches only for what kept its stat; adds what changed to
+    /// `changed` and `change`. Every directory below is watched again: one renamed into the
+    /// place of another brings its own subdirectories, whose watches name their old paths.
+    fn reread(
+        &mut self,
+        rel: &[u8],
+        abs: &Path,
+        parent: std::sync::Arc<Level>,
+        changed: &mut BTreeSet<Box<[u8]>>,
+        added: &mut Vec<Box<[u8]>>,
+        change: &mut Change,
+    ) -> Result<(), HashError> {
+        let stats = Stats::default();
+        let out = walk::Walker::new(&self.root, &self.cache, &self.exclude, &stats).run_at(
+            rel.to_vec(),
+            abs.to_path_buf(),
+            parent,
+        )?;
+        let mut prefix = rel.to_vec();
+        prefix.push(b'/');
+        let fresh: rustc_hash::FxHashSet<&[u8]> = out.entries.iter().map(|e| &*e.path).collect();
+        for e in &out.entries {
+            match self.entries.get(&e.path) {
+                Some(old) if old == e.as_ref() => {}
+                Some(_) => {
+                    changed.insert(e.path.clone());
+                }
+                None => {
+                    changed.insert(e.path.clone());
+                    added.push(e.path.clone());
+                }
+            }
+        }
+        for gone in self.entries.remove_below(&prefix) {
+            if !fresh.contains(&*gone) {
+                changed.insert(gone);
+            }
+        }
+        drop(fresh);
+        for e in &out.entries {
+            self.entries.insert(e);
+        }
+        let fresh: rustc_hash::FxHashSet<&[u8]> = out.dirs.iter().map(|(d, _)| &**d).collect();
+        for gone in self.dirs.remove_below(&prefix) {
+            if !fresh.contains(&*gone) {
+                change.unwatch.push(self.abs(&gone));
+            }
+        }
+        drop(fresh);
+        for (d, l) in out.dirs {
+            change.watch.push(self.abs(&d));
+            self.dirs.insert(&d, l);
+        }
+        self.cache.absorb(out.cache);
+        change.warnings.extend(out.warnings);
+        self.cache_dirty = true;
+        Ok(())
     }
 
     /// Walks the whole tree again through the cache: after a rescan event, a queue overflow,

@@ -1,15 +1,15 @@
-//! File-system events for one service: one non-recursive inotify watch per directory that
-//! takes part in the tree (never on ignored directories such as `node_modules`, `target` or
-//! `.git`), symlinks never followed, no access events asked for.
+//! The inotify backend (Linux): one non-recursive watch per directory that takes part in the
+//! tree (never on ignored directories such as `node_modules`, `target` or `.git`), symlinks
+//! never followed, no access events asked for.
 //!
 //! Why inotify itself (through the `inotify` crate) and not notify: notify's recursive mode
 //! watches every directory, ignored ones included, and follows symlinks; notify-debouncer-full's
 //! file-id cache walks the whole tree again, and its 0.7 adds many roots in time quadratic in
 //! their number. notify's non-recursive watches avoid those, but it keeps two maps of absolute
 //! paths per watch: on a 100k-file tree in 41k directories that was 21 MB of heap (33 MB of RSS),
-//! more than the whole hashed tree. Here a watch costs one map entry, from the kernel's watch
-//! descriptor to the directory, and the directories to watch come from our own walk; the
-//! engine debounces.
+//! more than the whole hashed tree; and it asks for open events, which every build's reads
+//! would raise. Here a watch costs one map entry, from the kernel's watch descriptor to the
+//! directory, and the directories to watch come from our own walk; the engine debounces.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -17,32 +17,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use inotify::{EventMask, Inotify, WatchMask, Watches};
+use ::inotify::{EventMask, WatchMask, Watches};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::{WatchError, WatchMsg, deliver};
 use crate::hash::arena::{Arena, Span};
-
-/// What the watcher tells the engine.
-#[derive(Debug)]
-pub enum WatchMsg {
-    /// Something happened at these paths.
-    Paths(Vec<PathBuf>),
-    /// Events were lost (the kernel queue overflowed): the whole tree must be looked at again.
-    Rescan(&'static str),
-    Error(String),
-}
-
-/// Why directories could not be watched.
-#[derive(Debug, thiserror::Error)]
-pub enum WatchError {
-    #[error("the inotify watch limit was reached")]
-    Limit,
-    #[error("cannot watch: {0}")]
-    Other(String),
-}
 
 /// What a directory's watch reports: entries created, deleted, written, changed in metadata or
 /// moved in or out, and the directory itself deleted or moved. `ONLYDIR` and `DONT_FOLLOW` make
@@ -113,26 +95,22 @@ impl Watched {
 type Dirs = Arc<Mutex<Watched>>;
 
 /// The inotify watcher of one service. Dropping it stops the reader and closes the descriptor.
-pub struct DirWatcher {
+pub(super) struct Inotify {
     watches: Watches,
     raw_fd: RawFd,
     dirs: Dirs,
     reader: tokio::task::JoinHandle<()>,
-    /// A limit for tests, standing in for `fs.inotify.max_user_watches`.
-    test_limit: Option<usize>,
 }
 
-/// Test hook: when set, every event is dropped and reported as a lost queue instead, as if the
-/// kernel's event queue always overflowed.
-const TEST_OVERFLOW: &str = "PMESH_DEV_TEST_OVERFLOW";
-/// Test hook: behave as if at most this many directories could be watched.
-const TEST_MAX_WATCHES: &str = "PMESH_DEV_TEST_MAX_WATCHES";
-
-impl DirWatcher {
-    /// A watcher with nothing watched yet, whose reader sends to `tx`. Must be called within a
-    /// tokio runtime.
-    pub fn new(tx: UnboundedSender<WatchMsg>, base: PathBuf) -> Result<DirWatcher, WatchError> {
-        let inotify = Inotify::init().map_err(|e| match e.raw_os_error() {
+impl Inotify {
+    /// A watcher with nothing watched yet, whose reader sends to `tx` (see [`deliver`] for
+    /// `overflow`). Must be called within a tokio runtime.
+    pub(super) fn new(
+        tx: UnboundedSender<WatchMsg>,
+        base: PathBuf,
+        overflow: bool,
+    ) -> Result<Inotify, WatchError> {
+        let inotify = ::inotify::Inotify::init().map_err(|e| match e.raw_os_error() {
             Some(libc::EMFILE) => WatchError::Other(format!(
                 "inotify_init: {e} (fs.inotify.max_user_instances is reached)"
             )),
@@ -149,16 +127,12 @@ impl DirWatcher {
             base,
             ..Watched::default()
         }));
-        let overflow = std::env::var_os(TEST_OVERFLOW).is_some();
         let reader = tokio::spawn(read(fd, dirs.clone(), tx, overflow));
-        Ok(DirWatcher {
+        Ok(Inotify {
             watches,
             raw_fd,
             dirs,
             reader,
-            test_limit: std::env::var(TEST_MAX_WATCHES)
-                .ok()
-                .and_then(|v| v.parse().ok()),
         })
     }
 
@@ -167,49 +141,31 @@ impl DirWatcher {
     }
 
     /// How many directories are watched.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.dirs().by_wd.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Watches each of `dirs` (non-recursively). Directories that vanished meanwhile, or are
-    /// no longer directories, are skipped: their change shows up as an event of their parent.
-    pub fn add<P: AsRef<Path>>(
-        &mut self,
-        dirs: impl ExactSizeIterator<Item = P>,
-    ) -> Result<(), WatchError> {
-        if let Some(limit) = self.test_limit
-            && self.len() + dirs.len() > limit
-        {
-            return Err(WatchError::Limit);
-        }
-        let shared = self.dirs.clone();
-        let lock = || shared.lock().unwrap_or_else(PoisonError::into_inner);
-        lock().by_wd.reserve(dirs.len());
-        for dir in dirs {
-            let dir = dir.as_ref();
-            // Locked from before the watch exists until it is in the map, so that the reader
-            // never meets a descriptor it cannot name.
-            let mut map = lock();
-            match self.watches.add(dir, MASK) {
-                // The same descriptor again means the same directory under a new path (a
-                // rename): the new path is the one events must name.
-                Ok(wd) => map.insert(wd.get_watch_descriptor_id(), dir),
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::ENOSPC) => return Err(WatchError::Limit),
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
-                    _ => return Err(WatchError::Other(format!("{}: {e}", dir.display()))),
-                },
-            }
+    /// Watches `dir` (non-recursively). A directory that vanished meanwhile, or is no longer
+    /// a directory, is skipped: its change shows up as an event of its parent.
+    pub(super) fn add(&mut self, dir: &Path) -> Result<(), WatchError> {
+        // Locked from before the watch exists until it is in the map, so that the reader never
+        // meets a descriptor it cannot name.
+        let mut map = self.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.watches.add(dir, MASK) {
+            // The same descriptor again means the same directory under a new path (a rename):
+            // the new path is the one events must name.
+            Ok(wd) => map.insert(wd.get_watch_descriptor_id(), dir),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) => return Err(WatchError::Limit),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
+                _ => return Err(WatchError::Other(format!("{}: {e}", dir.display()))),
+            },
         }
         Ok(())
     }
 
     /// Stops watching `dirs`; those not watched (or already gone) are no error.
-    pub fn remove(&mut self, dirs: &[PathBuf]) {
+    pub(super) fn remove(&mut self, dirs: &[PathBuf]) {
         let mut map = self.dirs();
         let gone: FxHashSet<&[u8]> = dirs.iter().map(|d| map.key(d)).collect();
         let wds: Vec<i32> = (map.by_wd.iter())
@@ -231,14 +187,19 @@ impl DirWatcher {
     }
 }
 
-impl Drop for DirWatcher {
+impl Drop for Inotify {
     fn drop(&mut self) {
         self.reader.abort();
     }
 }
 
 /// Reads events until the watcher is dropped, turning each batch into the paths it names.
-async fn read(fd: AsyncFd<Inotify>, dirs: Dirs, tx: UnboundedSender<WatchMsg>, overflow: bool) {
+async fn read(
+    fd: AsyncFd<::inotify::Inotify>,
+    dirs: Dirs,
+    tx: UnboundedSender<WatchMsg>,
+    overflow: bool,
+) {
     let mut buffer = vec![0u8; BUFFER];
     let mut fd = fd;
     loop {
@@ -263,13 +224,7 @@ async fn read(fd: AsyncFd<Inotify>, dirs: Dirs, tx: UnboundedSender<WatchMsg>, o
             Err(_would_block) => continue,
         };
         for msg in msgs {
-            let msg = match msg {
-                WatchMsg::Paths(_) if overflow => {
-                    WatchMsg::Rescan("events were dropped (test hook)")
-                }
-                m => m,
-            };
-            if tx.send(msg).is_err() {
+            if !deliver(&tx, msg, overflow) {
                 return;
             }
         }
@@ -279,7 +234,7 @@ async fn read(fd: AsyncFd<Inotify>, dirs: Dirs, tx: UnboundedSender<WatchMsg>, o
 /// What one read's events say: the paths they name, in one message, and a rescan if the queue
 /// overflowed.
 fn translate<'a>(
-    events: impl Iterator<Item = inotify::Event<&'a OsStr>>,
+    events: impl Iterator<Item = ::inotify::Event<&'a OsStr>>,
     dirs: &mut Watched,
 ) -> Vec<WatchMsg> {
     let mut paths = Vec::new();
@@ -308,15 +263,6 @@ fn translate<'a>(
         out.insert(0, WatchMsg::Paths(paths));
     }
     out
-}
-
-/// The current inotify watch limit, for the message that suggests raising it.
-pub fn max_user_watches() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]
@@ -348,18 +294,22 @@ mod tests {
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         std::fs::create_dir(&outside).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut w = DirWatcher::new(tx, root.clone()).unwrap();
+        let mut w = Inotify::new(tx, root.clone(), false).unwrap();
+        let add = |w: &mut Inotify, dirs: &[PathBuf]| {
+            for d in dirs {
+                w.add(d).unwrap();
+            }
+        };
         let dirs = [
             root.clone(),
             root.join("a"),
             root.join("a/b"),
             outside.clone(),
         ];
-        w.add(dirs.iter()).unwrap();
+        add(&mut w, &dirs);
         // Gone already, or not a directory: skipped, no error.
         std::fs::write(root.join("file"), "x").unwrap();
-        w.add([root.join("missing"), root.join("file")].iter())
-            .unwrap();
+        add(&mut w, &[root.join("missing"), root.join("file")]);
         assert_eq!(w.len(), 4);
         until(&mut rx, &root.join("file")).await;
 
@@ -373,7 +323,7 @@ mod tests {
         std::fs::rename(root.join("a"), root.join("c")).unwrap();
         until(&mut rx, &root.join("c")).await;
         w.remove(&[root.join("a"), root.join("a/b")]);
-        w.add([root.join("c"), root.join("c/b")].iter()).unwrap();
+        add(&mut w, &[root.join("c"), root.join("c/b")]);
         std::fs::write(root.join("c/b/g.txt"), "2").unwrap();
         until(&mut rx, &root.join("c/b/g.txt")).await;
         assert_eq!(w.len(), 4);
@@ -383,16 +333,5 @@ mod tests {
         until(&mut rx, &root.join("c")).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(w.len(), 2, "root and outside are left");
-    }
-
-    #[tokio::test]
-    async fn the_test_limit_stands_in_for_the_kernel_limit() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let mut w = DirWatcher::new(tx, tmp.path().to_path_buf()).unwrap();
-        w.test_limit = Some(1);
-        let dirs = [tmp.path().to_path_buf(), tmp.path().to_path_buf()];
-        assert!(matches!(w.add(dirs.iter()), Err(WatchError::Limit)));
-        assert!(w.is_empty());
     }
 }

@@ -1,0 +1,290 @@
+//! File-system events for one service, from one backend chosen at start:
+//! - `inotify` (Linux): one non-recursive inotify watch per directory that takes part in the
+//!   tree, never on ignored ones (see [`inotify`] for why not notify's);
+//! - `native`: the `notify` crate's recommended watcher: FSEvents on macOS and
+//!   ReadDirectoryChangesW on Windows, each watching the root recursively (events under ignored
+//!   directories are dropped by the engine), notify's own inotify backend on Linux;
+//! - `poll`: [`poll::Poller`] looks at each directory at an interval that grows with what a
+//!   pass costs.
+//!
+//! The engine knows only [`DirWatcher`]: it adds the directories that take part, removes those
+//! that no longer do, and hears [`WatchMsg`]s. Past the inotify watch limit the directories left
+//! over are polled, the shallowest (where people edit) watched first; `len` and `polled` say
+//! how many of each.
+//!
+//! An event may name a directory alone (FSEvents coalesces; a directory replaced by a rename):
+//! the tree then reads that directory again (see `LiveTree::apply`).
+
+#[cfg(target_os = "linux")]
+mod inotify;
+mod native;
+mod poll;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the watcher tells the engine.
+#[derive(Debug)]
+pub enum WatchMsg {
+    /// Something happened at these paths; a directory among them is to be read again.
+    Paths(Vec<PathBuf>),
+    /// Events were lost (the kernel queue overflowed): the whole tree must be looked at again.
+    Rescan(&'static str),
+    Error(String),
+}
+
+/// Why directories could not be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("the inotify watch limit was reached")]
+    Limit,
+    #[error("cannot watch: {0}")]
+    Other(String),
+}
+
+/// Which backend watches (`watch --watcher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// inotify on Linux, the native watcher on macOS and Windows, polling elsewhere.
+    #[default]
+    Auto,
+    /// Linux's inotify, one watch per directory.
+    Inotify,
+    /// The notify crate's recommended watcher (FSEvents, ReadDirectoryChangesW, inotify).
+    Native,
+    /// Look at every directory at an interval.
+    Poll,
+}
+
+impl Backend {
+    /// What `Auto` means here. The BSDs poll: kqueue, notify's watcher there, holds a
+    /// descriptor open for every file.
+    pub fn resolve(self) -> Backend {
+        match self {
+            Backend::Auto if cfg!(target_os = "linux") => Backend::Inotify,
+            Backend::Auto if cfg!(any(target_os = "macos", windows)) => Backend::Native,
+            Backend::Auto => Backend::Poll,
+            b => b,
+        }
+    }
+
+    /// The name `watching.mode` gives it.
+    pub fn mode(self) -> &'static str {
+        match self.resolve() {
+            Backend::Inotify => "inotify",
+            Backend::Native if cfg!(target_os = "macos") => "fsevents",
+            Backend::Native => "native",
+            _ => "poll",
+        }
+    }
+}
+
+/// Test hook: when set, every event is dropped and reported as a lost queue instead, as if the
+/// kernel's event queue always overflowed.
+const TEST_OVERFLOW: &str = "PMESH_DEV_TEST_OVERFLOW";
+/// Test hook: behave as if at most this many directories could be watched (inotify or native).
+const TEST_MAX_WATCHES: &str = "PMESH_DEV_TEST_MAX_WATCHES";
+
+/// What a backend that receives events does, one directory at a time.
+enum Events {
+    #[cfg(target_os = "linux")]
+    Inotify(inotify::Inotify),
+    Native(native::Native),
+}
+
+impl Events {
+    fn add(&mut self, dir: &Path) -> Result<(), WatchError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Events::Inotify(w) => w.add(dir),
+            Events::Native(w) => w.add(dir),
+        }
+    }
+
+    fn remove(&mut self, dirs: &[PathBuf]) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Events::Inotify(w) => w.remove(dirs),
+            Events::Native(w) => w.remove(dirs),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            #[cfg(target_os = "linux")]
+            Events::Inotify(w) => w.len(),
+            Events::Native(w) => w.len(),
+        }
+    }
+}
+
+/// The watcher of one service. Dropping it stops its reader and its poller.
+pub struct DirWatcher {
+    backend: Backend,
+    /// `None` when every directory is polled.
+    events: Option<Events>,
+    /// The directories past the watch limit (or all of them, for `poll`).
+    poller: poll::Poller,
+    tx: UnboundedSender<WatchMsg>,
+    /// A limit for tests, standing in for `fs.inotify.max_user_watches`.
+    test_limit: Option<usize>,
+    /// The limit was met once: said so in a warning.
+    warned: bool,
+    base: PathBuf,
+}
+
+impl DirWatcher {
+    /// A watcher of the tree at `base` with nothing watched yet, whose events go to `tx`;
+    /// directories that are polled are looked at every `poll_every` or more. Must be called
+    /// within a tokio runtime.
+    pub fn new(
+        backend: Backend,
+        poll_every: Duration,
+        tx: UnboundedSender<WatchMsg>,
+        base: PathBuf,
+    ) -> Result<DirWatcher, WatchError> {
+        let mut backend = backend.resolve();
+        let overflow = std::env::var_os(TEST_OVERFLOW).is_some();
+        let made = match backend {
+            #[cfg(target_os = "linux")]
+            Backend::Inotify => inotify::Inotify::new(tx.clone(), base.clone(), overflow)
+                .map(|w| Some(Events::Inotify(w))),
+            #[cfg(not(target_os = "linux"))]
+            Backend::Inotify => Err(WatchError::Other(
+                "inotify exists only on Linux (try --watcher native)".to_owned(),
+            )),
+            Backend::Native => native::Native::new(tx.clone(), base.clone(), overflow)
+                .map(|w| Some(Events::Native(w))),
+            _ => Ok(None),
+        };
+        let events = match made {
+            Ok(events) => events,
+            // No events to be had (out of inotify instances, say): every directory is polled,
+            // at a cost bounded as past the watch limit, and the engine warns.
+            Err(WatchError::Other(e)) => {
+                let _ = tx.send(WatchMsg::Error(format!("{e}: polling instead")));
+                backend = Backend::Poll;
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(DirWatcher {
+            backend,
+            events,
+            poller: poll::Poller::new(tx.clone(), base.clone(), poll_every, overflow),
+            tx,
+            test_limit: std::env::var(TEST_MAX_WATCHES)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            warned: false,
+            base,
+        })
+    }
+
+    /// The name `watching.mode` gives the backend: `inotify`, `fsevents`, `native` or `poll`.
+    pub fn mode(&self) -> &'static str {
+        self.backend.mode()
+    }
+
+    /// How many directories get events (those polled not counted).
+    pub fn len(&self) -> usize {
+        self.events.as_ref().map_or(0, Events::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0 && self.poller.len() == 0
+    }
+
+    /// How many directories are polled, and how long a pass waits for the next at present.
+    pub fn polled(&self) -> (usize, Duration) {
+        (self.poller.len(), self.poller.interval())
+    }
+
+    /// Watches each of `dirs` (non-recursively), the service's own shallowest directories
+    /// first; past the watch limit, the rest are polled. Directories that vanished meanwhile,
+    /// or are no longer directories, are skipped: their change shows up as an event of their
+    /// parent. A directory added again is watched under its new path (a rename).
+    pub fn add<P: AsRef<Path>>(
+        &mut self,
+        dirs: impl ExactSizeIterator<Item = P>,
+    ) -> Result<(), WatchError> {
+        let Some(events) = self.events.as_mut() else {
+            let dirs: Vec<PathBuf> = dirs.map(|d| d.as_ref().to_path_buf()).collect();
+            self.poller.add(&dirs);
+            return Ok(());
+        };
+        // Which directories get a watch matters only once the limit is met, but that is known
+        // only on meeting it; sorting first costs a few milliseconds on 100k directories.
+        let mut dirs: Vec<PathBuf> = dirs.map(|d| d.as_ref().to_path_buf()).collect();
+        dirs.sort_by_cached_key(|d| (!d.starts_with(&self.base), d.components().count()));
+        let mut spill = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            if self.poller.contains(dir) {
+                // Polled already: looked at afresh.
+                spill.push(dir.clone());
+                continue;
+            }
+            let full = self.test_limit.is_some_and(|limit| events.len() >= limit);
+            let added = if full {
+                Err(WatchError::Limit)
+            } else {
+                events.add(dir)
+            };
+            match added {
+                Ok(()) => {}
+                Err(WatchError::Limit) => {
+                    // Deeper ones would not fit either.
+                    spill.extend(dirs[i..].iter().cloned());
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if spill.is_empty() {
+            return Ok(());
+        }
+        self.poller.add(&spill);
+        if !self.warned {
+            self.warned = true;
+            let (n, every) = self.polled();
+            let _ = self.tx.send(WatchMsg::Error(format!(
+                "the watch limit (fs.inotify.max_user_watches = {}) is reached: {} watched \
+                 directories, {n} polled (every {}ms for now). Raise it with: \
+                 sudo sysctl fs.inotify.max_user_watches=524288",
+                max_user_watches().map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                self.len(),
+                every.as_millis(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops watching `dirs`; those not watched (or already gone) are no error.
+    pub fn remove(&mut self, dirs: &[PathBuf]) {
+        if let Some(events) = self.events.as_mut() {
+            events.remove(dirs);
+        }
+        self.poller.remove(dirs);
+    }
+}
+
+/// Sends `msg`, or under the overflow test hook a lost queue in place of paths; whether the
+/// engine still listens.
+fn deliver(tx: &UnboundedSender<WatchMsg>, msg: WatchMsg, overflow: bool) -> bool {
+    let msg = match msg {
+        WatchMsg::Paths(_) if overflow => WatchMsg::Rescan("events were dropped (test hook)"),
+        m => m,
+    };
+    tx.send(msg).is_ok()
+}
+
+/// The current inotify watch limit, for the message that suggests raising it.
+pub fn max_user_watches() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
