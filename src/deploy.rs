@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::builder::describe_status;
+use crate::builder::{describe_status, tail_text};
 use crate::event::{Done, EventKind, Sink};
 use crate::hash::BuildId;
 use crate::manifest::{Protocol, Service};
@@ -902,11 +902,7 @@ impl Actor {
         let (id, archive) = (s.inst.id, s.inst.archive.clone());
         self.stop_in_background(s.inst, None, Duration::ZERO);
         let delay = self.go_down(&archive, 502, "crashed, restarting", &reason, &tail);
-        let mut detail = format!("{} {reason}; its last lines:", id.short());
-        for line in &tail {
-            detail.push_str("\n    ");
-            detail.push_str(line);
-        }
+        let detail = format!("{} {reason}{}", id.short(), tail_text(&tail));
         self.notices.problem("crashed", &detail);
         self.emit(EventKind::Crashed {
             id: id.to_string(),
