@@ -368,3 +368,26 @@ fn a_build_log_for_a_build_not_opened_is_dropped() {
     assert!(!m.needs_redraw());
     assert_eq!(m.services[0].source, LogSource::Build);
 }
+
+#[test]
+fn an_unhealthy_builds_last_lines_are_shown_one_a_line() {
+    let mut m = live();
+    ev(
+        &mut m,
+        EngineEvent::Unhealthy {
+            id: id(2),
+            archive: archive(2),
+            reason: "exited with exit status 1 before it was ready; its last lines:\n    /app/server.js:5\n    SyntaxError: Unexpected token ';'".to_owned(),
+        },
+    );
+    let svc = &m.services[0];
+    assert_eq!(
+        svc.problem.as_deref(),
+        Some("exited with exit status 1 before it was ready")
+    );
+    assert_eq!(
+        last_line(&svc.build_log),
+        "SyntaxError: Unexpected token ';'"
+    );
+    assert_eq!(last_line(&svc.runtime), "SyntaxError: Unexpected token ';'");
+}

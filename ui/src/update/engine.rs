@@ -134,10 +134,18 @@ pub(super) fn on_engine(model: &mut Model, service: &str, event: EngineEvent) {
             reason,
         } => {
             svc.state = ServiceState::Unhealthy;
-            let note = format!("── {} ({archive}) unhealthy: {reason} ──", short_id(&id));
-            svc.build_log.note(&note, bad);
-            svc.runtime.note(&note, bad);
-            svc.problem = Some(reason);
+            // The reason's first line in the note, the instance's last lines under it, one a
+            // line (they name the file and line that failed).
+            let mut lines = reason.lines();
+            let first = lines.next().unwrap_or("");
+            let note = format!("── {} ({archive}) unhealthy: {first} ──", short_id(&id));
+            for log in [&mut svc.build_log, &mut svc.runtime] {
+                log.note(&note, bad);
+                for line in lines.clone() {
+                    log.push(line.trim_start());
+                }
+            }
+            svc.problem = Some(first.trim_end_matches("; its last lines:").to_owned());
         }
         EngineEvent::Crashed { id, reason } => {
             svc.state = ServiceState::Crashed;
