@@ -181,7 +181,6 @@ pub enum PublishError {
 pub struct Deployer {
     requests: mpsc::UnboundedSender<Request>,
     state: watch::Receiver<RunState>,
-    mode: Mode,
 }
 
 /// The deployer's tasks, to wait for once shutdown has fired.
@@ -280,11 +279,7 @@ impl Deployer {
         };
         let actor = tokio::spawn(actor.run(rx, shutdown));
         Ok((
-            Deployer {
-                requests,
-                state,
-                mode,
-            },
+            Deployer { requests, state },
             reports_rx,
             Tasks { actor, proxy },
         ))
@@ -293,11 +288,6 @@ impl Deployer {
     /// What `.run` holds now.
     pub fn run(&self) -> RunState {
         self.state.borrow().clone()
-    }
-
-    /// Whether instances are run (the service has `run` and this is `watch` or `run`).
-    pub fn serves(&self) -> bool {
-        self.mode != Mode::Flip
     }
 
     /// Serves what `.run` holds now, without re-pointing it.
