@@ -1,20 +1,7 @@
 //! The manifest applied while watching, and start order between services.
-
-use std::io::{Read, Write};
-use std::time::Duration;
-
 use crate::util::*;
 
-fn get(port: u16) -> String {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
+use crate::util::get_root as get;
 
 /// A service table for the test server, `name` at `name/`, answering `version <name>-N`.
 fn service(t: &Tmp, name: &str, port: u16, extra: &str) -> String {

@@ -49,22 +49,11 @@ impl Drop for Tmux {
     }
 }
 
-fn get(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
+use crate::util::get_root as get;
 
-#[test]
-fn roll_back_from_the_tui_then_quit_restores_the_terminal() {
-    let t = Tmp::new();
-    let port = free_port();
+/// A service `app` running the test server at `version.txt` v1, behind the proxy on `port`,
+/// with `first_step` before its copy step (when given) and `extra` keys.
+fn app(t: &Tmp, port: u16, first_step: &str, extra: &str) {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/testsrv/server.js");
     std::fs::create_dir_all(t.join("app")).expect("mkdir");
     std::fs::copy(src, t.join("app/server.js")).expect("copy");
@@ -72,28 +61,44 @@ fn roll_back_from_the_tui_then_quit_restores_the_terminal() {
     t.write(
         "pmesh.toml",
         &format!(
-            "[services.app]\nbuild = [\"cp server.js version.txt \\\"$PMESH_BUILD_DIR/\\\"\"]\n\
+            "[services.app]\nbuild = [{first_step}\"cp server.js version.txt \\\"$PMESH_BUILD_DIR/\\\"\"]\n\
              run = \"exec node \\\"$PMESH_RUN_DIR/server.js\\\"\"\nlisten = {port}\n\
-             health = \"GET /healthz\"\nkeep = 3\n"
+             health = \"GET /healthz\"\n{extra}"
         ),
     );
-    let tmux = Tmux::new();
-    let script = format!(
-        "cd '{}' && '{}' watch; echo EXITED:$?; sleep 60",
-        t.path().display(),
-        bin()
-    );
-    tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &script,
-    ]);
+}
+
+impl Tmux {
+    /// `pmesh-dev watch` in `t`, in a new `width`x30 session; its exit code is printed after.
+    fn watch(t: &Tmp, width: u16) -> Tmux {
+        let tmux = Tmux::new();
+        let script = format!(
+            "cd '{}' && '{}' watch; echo EXITED:$?; sleep 60",
+            t.path().display(),
+            bin()
+        );
+        let width = width.to_string();
+        tmux.cmd(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            &width,
+            "-y",
+            "30",
+            &script,
+        ]);
+        tmux
+    }
+}
+
+#[test]
+fn roll_back_from_the_tui_then_quit_restores_the_terminal() {
+    let t = Tmp::new();
+    let port = free_port();
+    app(&t, port, "", "keep = 3\n");
+    let tmux = Tmux::watch(&t, 100);
     assert!(
         wait_for(30.0, || get(port).contains("version v1")),
         "v1 is served: {}",
@@ -156,36 +161,9 @@ fn roll_back_from_the_tui_then_quit_restores_the_terminal() {
 fn a_build_printing_a_flood_of_lines_still_leaves_the_screen_on_the_right_state() {
     let t = Tmp::new();
     let port = free_port();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/testsrv/server.js");
-    std::fs::create_dir_all(t.join("app")).expect("mkdir");
-    std::fs::copy(src, t.join("app/server.js")).expect("copy");
-    t.write("app/version.txt", "v1\n");
     // Far more lines than any queue holds, as fast as `seq` prints them.
-    t.write(
-        "pmesh.toml",
-        &format!(
-            "[services.app]\nbuild = [\"seq 300000\", \"cp server.js version.txt \\\"$PMESH_BUILD_DIR/\\\"\"]\n\
-             run = \"exec node \\\"$PMESH_RUN_DIR/server.js\\\"\"\nlisten = {port}\n\
-             health = \"GET /healthz\"\n"
-        ),
-    );
-    let tmux = Tmux::new();
-    let script = format!(
-        "cd '{}' && '{}' watch; echo EXITED:$?; sleep 60",
-        t.path().display(),
-        bin()
-    );
-    tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &script,
-    ]);
+    app(&t, port, "\"seq 300000\", ", "");
+    let tmux = Tmux::watch(&t, 120);
     assert!(
         wait_for(60.0, || get(port).contains("version v1")),
         "v1 is served: {}",

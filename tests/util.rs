@@ -401,3 +401,17 @@ pub fn git_untracked_bytes(dir: &Path, home: &Path) -> Vec<Vec<u8>> {
     paths.sort();
     paths
 }
+
+/// `GET /` on 127.0.0.1:`port` with a fresh connection: the whole raw answer, or "" when
+/// nothing listens there.
+pub fn get_root(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let _ = write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
