@@ -444,11 +444,19 @@ impl Engine {
         if !change.unwatch.is_empty() {
             w.remove(&change.unwatch);
         }
-        if !change.watch.is_empty()
-            && let Err(e) = w.add(change.watch.iter())
-        {
-            self.fall_back_to_polling(&e);
+        if change.watch.is_empty() {
+            return;
         }
+        if let Err(e) = w.add(change.watch.iter()) {
+            self.fall_back_to_polling(&e);
+            return;
+        }
+        // A directory was read before its watch existed: whatever was created in it meanwhile
+        // (`mkdir -p a/b/c` and a file in it, at once) has no event. Reading the new directories
+        // once more, now that they are watched, closes that window; it finds nothing new when
+        // nothing happened in it.
+        self.pending.extend(change.watch.iter().cloned());
+        self.core.touched(tokio::time::Instant::now());
     }
 
     /// Starts, cancels or leaves the build so that the newest tree ends up live.
