@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
@@ -223,9 +223,10 @@ pub fn read_digest(
 /// are as many as that stat says; `None` if it is not a regular file.
 fn digest(f: &File) -> io::Result<Option<(u128, StatKey, bool)>> {
     BUF.with_borrow_mut(|buf| {
-        if buf.len() < CHUNK {
-            buf.resize(CHUNK, 0);
-        }
+        // Room for a chunk, never filled in advance: only the pages a read writes become
+        // resident, one for most source files, instead of a whole chunk per thread for good.
+        buf.clear();
+        buf.reserve_exact(CHUNK);
         // One read gets a small file whole: a regular file's read stops short only at its end.
         let n = match read(f, buf) {
             Ok(n) => n,
@@ -240,17 +241,17 @@ fn digest(f: &File) -> io::Result<Option<(u128, StatKey, bool)>> {
             return Ok(None);
         }
         if n < CHUNK && n as u64 == key.size {
-            return Ok(Some((xxh3_128(&buf[..n]), key, true)));
+            return Ok(Some((xxh3_128(buf), key, true)));
         }
         // Bigger than one chunk (or not what the stat says): stream to the end.
         let mut h = Xxh3::new();
-        h.update(&buf[..n]);
+        h.update(buf);
         let mut total = n as u64;
         loop {
             match read(f, buf)? {
                 0 => break,
                 n => {
-                    h.update(&buf[..n]);
+                    h.update(buf);
                     total += n as u64;
                 }
             }
@@ -260,11 +261,27 @@ fn digest(f: &File) -> io::Result<Option<(u128, StatKey, bool)>> {
     })
 }
 
-fn read(mut f: &File, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads into `buf`'s spare room, at most a chunk, replacing what it held.
+fn read(f: &File, buf: &mut Vec<u8>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    buf.clear();
+    let room = buf.capacity().min(CHUNK);
     loop {
-        match f.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            r => return r,
+        // SAFETY: read writes at most `room` bytes to the vector's spare capacity, which is
+        // valid for writes of that many bytes; the length is set to what it wrote.
+        let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), room) };
+        match usize::try_from(n) {
+            Ok(n) => {
+                // SAFETY: the first `n` bytes were just written by read.
+                unsafe { buf.set_len(n) };
+                return Ok(n);
+            }
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
 }

@@ -2,6 +2,8 @@
 //! build id is recomputed from the entries held, without a walk.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashSet;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -81,9 +83,10 @@ impl LiveTree {
             checkpoints: Vec::new(),
             checkpointed: 0,
         };
-        let out = tree.walk_all()?;
-        let warnings = out.warnings.clone();
-        tree.replace(out);
+        let mut out = tree.walk_all()?;
+        let warnings = std::mem::take(&mut out.warnings);
+        // Nothing to compare with: the walk's result is taken as it is.
+        tree.install(out);
         if cold {
             // The first watch of a checkout made every record on the heap, where they would
             // stay until the first save (the RSS of a cold start was twice a warm one's):
@@ -99,40 +102,59 @@ impl LiveTree {
         walk::Walker::new(&self.root, &self.cache, &self.exclude, &stats).run(top)
     }
 
-    /// Takes a full walk's result as the tree; returns the change from the previous tree.
-    fn replace(&mut self, out: WalkOutput) -> Change {
-        let mut change = Change::default();
-        let entries = SortedEntries::from_unsorted(out.entries);
-        for e in entries.iter() {
-            if self.entries.get(e.path) != Some(e) {
-                change.changed.push(lossy(e.path));
-            }
-        }
-        for path in self.entries.paths() {
-            if entries.get(path).is_none() {
-                change.changed.push(lossy(path));
-            }
-        }
-        change.changed.sort();
-        let dirs = Dirs::from_vec(out.dirs);
-        for d in dirs.paths() {
-            if !self.dirs.contains(d) {
-                change.watch.push(self.abs(d));
-            }
-        }
-        for d in self.dirs.paths() {
-            if !dirs.contains(d) {
-                change.unwatch.push(self.abs(d));
-            }
-        }
+    /// Takes a full walk's result as the tree, with its entries sorted.
+    fn install(&mut self, mut out: WalkOutput) {
+        out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        self.dirs = Dirs::from_vec(out.dirs);
+        self.entries = SortedEntries::from_sorted(&out.entries, &self.dirs);
+        drop(out.entries);
         if self.cache.absorb(out.cache) {
             self.cache_dirty = true;
         }
         // The walk read every record of the loaded file; until the next walk only a few are.
         self.cache.release_pages();
-        self.entries = entries;
-        self.dirs = dirs;
         self.id = self.compute_id(0);
+    }
+
+    /// Takes a full walk's result as the tree; returns the change from the previous tree.
+    fn replace(&mut self, mut out: WalkOutput) -> Change {
+        let mut change = Change::default();
+        out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        // Both in path order: one merge finds what was added, changed and removed.
+        let fresh = &out.entries;
+        let mut next = 0;
+        self.entries.for_each_from(0, &self.dirs, |_, old| {
+            while next < fresh.len() && *fresh[next].path < *old.path {
+                change.changed.push(lossy(&fresh[next].path));
+                next += 1;
+            }
+            if next < fresh.len() && *fresh[next].path == *old.path {
+                if fresh[next].as_ref() != old {
+                    change.changed.push(lossy(old.path));
+                }
+                next += 1;
+            } else {
+                change.changed.push(lossy(old.path));
+            }
+        });
+        change
+            .changed
+            .extend(fresh[next..].iter().map(|e| lossy(&e.path)));
+        let old_dirs: FxHashSet<Vec<u8>> = self.dirs.paths().collect();
+        self.install(out);
+        let mut kept = FxHashSet::default();
+        for d in self.dirs.paths() {
+            if old_dirs.contains(&d) {
+                kept.insert(d);
+            } else {
+                change.watch.push(self.abs(&d));
+            }
+        }
+        for d in &old_dirs {
+            if !kept.contains(d) {
+                change.unwatch.push(self.abs(d));
+            }
+        }
         change
     }
 
@@ -157,12 +179,13 @@ impl LiveTree {
         };
         self.checkpoints.truncate(k);
         let start = k * CHECKPOINT_EVERY;
-        for (i, e) in self.entries.iter_from(start).enumerate() {
+        let checkpoints = &mut self.checkpoints;
+        self.entries.for_each_from(start, &self.dirs, |i, e| {
             if i % CHECKPOINT_EVERY == 0 {
-                self.checkpoints.push(h.checkpoint());
+                checkpoints.push(h.checkpoint());
             }
             h.entry(e);
-        }
+        });
         if self.checkpoints.len() <= k {
             // No entry at or after `start` (an empty tree): the state before them all.
             self.checkpoints.push(h.checkpoint());
@@ -194,7 +217,7 @@ impl LiveTree {
 
     /// Whether the path `rel` (relative, `/`) is an entry of the tree.
     pub fn has_entry(&self, rel: &str) -> bool {
-        self.entries.get(rel.as_bytes()).is_some()
+        self.entries.get(rel.as_bytes(), &self.dirs).is_some()
     }
 
     /// How many directories take part.
@@ -204,7 +227,7 @@ impl LiveTree {
 
     /// Every directory that takes part, absolute.
     pub fn dir_paths(&self) -> impl ExactSizeIterator<Item = PathBuf> + '_ {
-        self.dirs.paths().map(|d| self.abs(d))
+        self.dirs.paths().map(|d| self.abs(&d))
     }
 
     /// Whether the directory `path` (absolute) takes part.
@@ -287,14 +310,17 @@ impl LiveTree {
                     p.clone(),
                     level,
                 )?;
-                for e in out.entries {
-                    self.entries.insert(&e);
-                    added.push(e.path.clone());
-                    changed.insert(e.path);
-                }
-                for (d, l) in out.dirs {
+                // Directories first (parents before children): entries name theirs by slot.
+                let mut dirs = out.dirs;
+                dirs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                for (d, l) in dirs {
                     change.watch.push(self.abs(&d));
                     self.dirs.insert(&d, l);
+                }
+                for e in out.entries {
+                    self.entries.insert(&e, &self.dirs);
+                    added.push(e.path.clone());
+                    changed.insert(e.path);
                 }
                 self.cache.absorb(out.cache);
                 change.warnings.extend(out.warnings);
@@ -321,13 +347,13 @@ impl LiveTree {
             self.cache_dirty = true;
             match entry {
                 Some(e) => {
-                    let old = self.entries.get(&rel_b);
+                    let old = self.entries.get(&rel_b, &self.dirs);
                     if old != Some(e.as_ref()) {
                         if old.is_none() {
                             added.push(rel_b.clone());
                         }
                         changed.insert(rel_b.clone());
-                        self.entries.insert(&e);
+                        self.entries.insert(&e, &self.dirs);
                     }
                 }
                 None => self.remove(&rel_b, &mut changed, &mut change.unwatch),
@@ -352,7 +378,7 @@ impl LiveTree {
         }
         // A path that came and went within this update never took part.
         for p in &added {
-            if self.entries.get(p).is_none() {
+            if self.entries.get(p, &self.dirs).is_none() {
                 changed.remove(p);
             }
         }
@@ -363,7 +389,7 @@ impl LiveTree {
         change.changed = changed.iter().map(|p| lossy(p)).collect();
         let from = changed
             .iter()
-            .map(|p| self.entries.position(p))
+            .map(|p| self.entries.position(p, &self.dirs))
             .min()
             .unwrap_or(self.entries.len());
         if !changed.is_empty() {
@@ -395,7 +421,7 @@ impl LiveTree {
         prefix.push(b'/');
         let fresh: rustc_hash::FxHashSet<&[u8]> = out.entries.iter().map(|e| &*e.path).collect();
         for e in &out.entries {
-            match self.entries.get(&e.path) {
+            match self.entries.get(&e.path, &self.dirs) {
                 Some(old) if old == e.as_ref() => {}
                 Some(_) => {
                     changed.insert(e.path.clone());
@@ -406,25 +432,29 @@ impl LiveTree {
                 }
             }
         }
-        for gone in self.entries.remove_below(&prefix) {
+        for gone in self.entries.remove_below(&prefix, &self.dirs) {
             if !fresh.contains(&*gone) {
                 changed.insert(gone);
             }
         }
         drop(fresh);
-        for e in &out.entries {
-            self.entries.insert(e);
-        }
+        // Entries name their directories by slot: those below go after their entries, and
+        // come back before them.
         let fresh: rustc_hash::FxHashSet<&[u8]> = out.dirs.iter().map(|(d, _)| &**d).collect();
-        for gone in self.dirs.remove_below(&prefix) {
+        for gone in self.dirs.remove_below(rel) {
             if !fresh.contains(&*gone) {
                 change.unwatch.push(self.abs(&gone));
             }
         }
         drop(fresh);
-        for (d, l) in out.dirs {
+        let mut dirs = out.dirs;
+        dirs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (d, l) in dirs {
             change.watch.push(self.abs(&d));
             self.dirs.insert(&d, l);
+        }
+        for e in &out.entries {
+            self.entries.insert(e, &self.dirs);
         }
         self.cache.absorb(out.cache);
         change.warnings.extend(out.warnings);
@@ -449,19 +479,19 @@ impl LiveTree {
         changed: &mut BTreeSet<Box<[u8]>>,
         unwatch: &mut Vec<PathBuf>,
     ) {
-        if self.entries.remove(rel) {
+        if self.entries.remove(rel, &self.dirs) {
             changed.insert(rel.into());
         }
-        if !self.dirs.remove(rel) {
+        if !self.dirs.contains(rel) {
             return;
         }
-        unwatch.push(self.abs(rel));
+        // The entries first: they name their directories by slot.
         let mut prefix = rel.to_vec();
         prefix.push(b'/');
-        for k in self.entries.remove_below(&prefix) {
+        for k in self.entries.remove_below(&prefix, &self.dirs) {
             changed.insert(k);
         }
-        for d in self.dirs.remove_below(&prefix) {
+        for d in self.dirs.remove(rel) {
             unwatch.push(self.abs(&d));
         }
     }
@@ -557,5 +587,104 @@ mod tests {
         }
         ids.dedup();
         assert_eq!(ids.len(), 7, "every edit changed the id");
+    }
+}
+
+#[cfg(test)]
+mod random_edits {
+    use super::*;
+
+    /// Every entry's path and digest, and every directory, of a tree.
+    type Listing = (Vec<(Vec<u8>, u128)>, Vec<Vec<u8>>);
+
+    fn listing(tree: &LiveTree) -> Listing {
+        let mut entries = Vec::new();
+        tree.entries.for_each_from(0, &tree.dirs, |_, e| {
+            entries.push((e.path.to_vec(), e.digest))
+        });
+        let mut dirs: Vec<Vec<u8>> = tree.dirs.paths().collect();
+        dirs.sort();
+        (entries, dirs)
+    }
+
+    /// Random creations, edits, removals and renames of files and whole directories, each
+    /// applied with the paths a watcher names: after each, the tree held is the one a fresh
+    /// scan finds (entries, directories, id), whatever slots were freed and taken again.
+    #[test]
+    fn the_tree_after_random_edits_is_the_tree_of_a_fresh_scan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let names = ["a", "b", "a.b", "a0", "src", "lib", "x-y", "z"];
+        let mut dirs: Vec<PathBuf> = vec![root.clone()];
+        for i in 0..40 {
+            let parent = dirs[next(dirs.len())].clone();
+            let d = parent.join(format!("{}{i}", names[next(names.len())]));
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("f.txt"), format!("{i}")).unwrap();
+            dirs.push(d);
+        }
+        let (mut tree, _) = LiveTree::scan(&HashSpec::dir(&root)).unwrap();
+        for round in 0..300 {
+            let live: Vec<PathBuf> = dirs.iter().filter(|d| d.is_dir()).cloned().collect();
+            let dir = live[next(live.len())].clone();
+            let named: Vec<PathBuf> = match next(6) {
+                0 | 1 => {
+                    let f = dir.join(names[next(names.len())]);
+                    if f.is_dir() {
+                        continue;
+                    }
+                    std::fs::write(&f, format!("{round}")).unwrap();
+                    vec![f]
+                }
+                2 => {
+                    let d = dir.join(format!("{}{round}", names[next(names.len())]));
+                    std::fs::create_dir(&d).unwrap();
+                    std::fs::write(d.join("g"), "g").unwrap();
+                    std::fs::create_dir(d.join("sub")).unwrap();
+                    std::fs::write(d.join("sub/h"), "h").unwrap();
+                    dirs.push(d.join("sub"));
+                    dirs.push(d.clone());
+                    vec![d]
+                }
+                3 if dir != root => {
+                    std::fs::remove_dir_all(&dir).unwrap();
+                    vec![dir]
+                }
+                4 if dir != root => {
+                    let to = live[next(live.len())].join(format!("moved{round}"));
+                    if to.starts_with(&dir) {
+                        continue;
+                    }
+                    std::fs::rename(&dir, &to).unwrap();
+                    dirs.push(to.clone());
+                    vec![dir, to]
+                }
+                _ => {
+                    let Some(f) = std::fs::read_dir(&dir)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .find(|p| p.is_file())
+                    else {
+                        continue;
+                    };
+                    std::fs::remove_file(&f).unwrap();
+                    vec![f]
+                }
+            };
+            tree.apply(&named).unwrap();
+            let (fresh, _) = LiveTree::scan(&HashSpec::dir(&root)).unwrap();
+            assert!(
+                listing(&tree) == listing(&fresh),
+                "round {round}: {named:?}"
+            );
+            assert_eq!(tree.id(), fresh.id(), "round {round}");
+        }
     }
 }
