@@ -391,8 +391,9 @@ if [ -n "$MODE" ]; then
     facts=$(tree_facts "$TREE")
     log "$MODE tree $TREE:" "$facts"
 fi
-total_files=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o ! -type d -print | wc -l)
-total_dirs=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -type d -print | wc -l)
+# Outside .git and what pmesh-dev keeps in a service root (.pmesh/; .run and .build-* after a watch).
+total_files=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -path './.build*' -prune -o -path './.run*' -prune -o ! -type d -print | wc -l)
+total_dirs=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -path './.build*' -prune -o -path './.run*' -prune -o -type d -print | wc -l)
 git_files=$(git ls-files | wc -l)
 # Tracked files that the ignore rules match: git hashes them (xxhsum gets them from ls-files),
 # pmesh-dev never sees them. None in the generated trees; a real checkout may have some.
