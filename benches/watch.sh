@@ -212,7 +212,7 @@ try:
                      statistics.median(rss_warm), rss_idle, idle, lat_w, lat_p))
     # What a watch holds whatever the tree (code, threads, buffers): the RSS of one on a tree of
     # one file, so that RSS per file can be split into that and a part that grows with the tree
-    # (on a tree of 28k files that fixed part is most of it; on one of 100k, less).
+    # (about 10 MB: some 45 % of a watch of babel's 28k files, 28 % of one of the deep tree's 103k).
     one = os.path.join(work, "one-file")
     os.makedirs(one, exist_ok=True)
     with open(os.path.join(one, "a.txt"), "w") as f:
