@@ -4,25 +4,48 @@
 #   benches/hash.sh                       # RUNS=5, tree in /tmp/pmesh-bench-tree
 #   RUNS=9 BENCH_DIR=/some/where benches/hash.sh
 #   PMESH_BIN=/path/to/pmesh-dev benches/hash.sh   # measure that binary instead of building
+#   benches/hash.sh deep                  # the deep tree of benches/watch.sh deep ($DEEP_DIR)
+#   REAL_DIR=/path/to/checkout benches/hash.sh real  # a real repository's git checkout, as it is
 #
 # It builds pmesh-dev in release, makes (once; reused afterwards) a generated JS-monorepo-like
 # git repository of ~110k files in ~45k directories with nested .gitignore files and ignored
-# node_modules/dist trees, and prints, as medians of $RUNS runs:
+# node_modules/dist trees (its manifest, pmesh.toml, is in it), and prints, as medians of $RUNS
+# interleaved runs:
 #   cold `pmesh-dev hash`  (no digest cache)    vs  git ls-files -z | xargs -0 -P<cores> xxhsum -H2
-#                                                   (run with -q, which only silences the progress
-#                                                   line xxhsum writes to stderr for big files)
+#     of the service: .pmesh/ removed first,        (run with -q, which only silences the progress
+#     so the digest cache is written                line xxhsum writes to stderr for big files)
+#     and of the directory (`hash DIR`: default
+#     settings, no cache read or written)
 #   warm `pmesh-dev hash`  (cache, no change)   vs  git status --porcelain
-#   peak RSS of both pmesh-dev runs, and the --stats breakdown of where the time goes (load
-#   the cache, walk+stat+read, sort+id, save the cache, total; the rest of the wall time is
-#   outside the hash: process start, manifest, output, freeing the result, exit).
+#   peak RSS of both pmesh-dev runs (also per hashed file), and the --stats breakdown of where
+#   the time goes (load the cache, walk+stat+read, sort+id, save the cache, total; the rest of
+#   the wall time is outside the hash: process start, manifest, output, freeing the result, exit).
 # The OS page cache is warm for every tool (nothing is dropped between runs): "cold" means
 # "without pmesh-dev's digest cache", not "from disk".
+# `deep` measures the same on the tree of `benches/watch.sh deep` instead: about 2 files a
+# directory, $DEEP_DIRS (52000) directories, in $DEEP_DIR (/tmp/pmesh-bench-deep; generated once
+# by make_deep_tree in common.sh). `real` measures the git checkout $REAL_DIR as it is, at its
+# commit (cloned from $REAL_SRC first if that is set and $REAL_DIR does not exist yet): the team
+# benchmarks on at least one real public repository, not only on generated trees. For both, the
+# manifest is outside the tree (a service whose root is the tree, so nothing is added to it), and
+# .pmesh/ (the digest cache) is hidden from git through .git/info/exclude unless the tree's own
+# rules hide it; the commit measured and the tree's shape (files git tracks, the directories
+# holding them, path depth and length) are printed with the figures. The README's real-tree
+# figures are of babel/babel at 1da3cfa1a25503c7ecba7304f8738933e6d16dca ("Enable
+# `no-useless-computed-key` rule (#18179)"; 27,674 files in 13,024 directories):
+# `git clone -q <a clone of babel/babel> /tmp/pmesh-bench-babel`, then
+# `REAL_DIR=/tmp/pmesh-bench-babel benches/hash.sh real`. Any other checkout works the same.
 # It is a benchmark, not a test: it always exits 0 once it got to measuring.
 set -euo pipefail
 export LC_ALL=C
 
 RUNS=${RUNS:-5}
 BENCH_DIR=${BENCH_DIR:-/tmp/pmesh-bench-tree}
+MODE=${1:-}
+case $MODE in
+    "" | deep | real) ;;
+    *) printf 'usage: %s [deep|real]\n' "$0" >&2; exit 2 ;;
+esac
 CORES=$(nproc)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MARKER_NAME=pmesh-bench-tree-v1 # lives in .git/, so neither git nor pmesh-dev sees it
@@ -39,11 +62,9 @@ install_missing "${need[@]}"
 # --- pmesh-dev --------------------------------------------------------------------------------
 pick_pmesh
 
-# Global and system git configuration must not matter (excludes, hooks, fsmonitor, ...).
 GIT_HOME=$(mktemp -d)
 trap 'rm -rf "$GIT_HOME"' EXIT
-export HOME="$GIT_HOME" GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null
-unset XDG_CONFIG_HOME GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE
+isolate_git "$GIT_HOME"
 
 # --- the tree ---------------------------------------------------------------------------------
 generate_tree() {
@@ -328,15 +349,36 @@ wall() { echo "${1% *}"; }
 cpu() { echo "${1#* }"; }
 
 # Every timed pmesh-dev run also appends its --stats line (stderr) to $STATS_LOG.
-pm_hash() { "$PMESH" hash tree --stats 2>>"$STATS_LOG"; }
+pm_hash() { "$PMESH" hash tree --manifest "$MANIFEST" --stats 2>>"$STATS_LOG"; }
+pm_hash_dir() { "$PMESH" hash "$TREE" --stats 2>>"$STATS_LOG"; }
 xxh_pipeline() { git ls-files -z | xargs -0 -P"$CORES" -n 1000 xxhsum -q -H2; }
+# shellcheck disable=SC2317 # these run through time_us
 git_status() { git status --porcelain; }
 
 # ==============================================================================================
-make_tree
-write_manifest
-no_auto_gc "$BENCH_DIR"
-cd "$BENCH_DIR"
+# TREE: what is hashed; MANIFEST: the manifest of its service `tree`; UNHASHED: the files git
+# tracks that the service never hashes whatever the ignore rules say (its own manifest).
+case $MODE in
+    "")
+        make_tree
+        write_manifest
+        no_auto_gc "$BENCH_DIR"
+        TREE=$BENCH_DIR MANIFEST=$BENCH_DIR/pmesh.toml UNHASHED=1
+        ;;
+    deep | real)
+        if [ "$MODE" = deep ]; then
+            TREE=${DEEP_DIR:-/tmp/pmesh-bench-deep}
+            make_deep_tree "$TREE" "${DEEP_DIRS:-52000}"
+        else
+            use_real_tree
+            TREE=$REAL_DIR
+        fi
+        hide_from_git "$TREE"
+        MANIFEST=$GIT_HOME/pmesh.toml UNHASHED=0
+        printf '[services.tree]\nroot = "%s"\nbuild = ["true"]\n' "$TREE" >"$MANIFEST"
+        ;;
+esac
+cd "$TREE"
 
 if [ -n "$(git status --porcelain | head -5)" ]; then
     log "warning: the tree is not clean for git; git status will be slower than on a clean repo:"
@@ -344,49 +386,72 @@ if [ -n "$(git status --porcelain | head -5)" ]; then
 fi
 
 # Counts.
-total_files=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o ! -type d -print | wc -l)
-total_dirs=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -type d -print | wc -l)
+facts=
+if [ -n "$MODE" ]; then
+    facts=$(tree_facts "$TREE")
+    log "$MODE tree $TREE:" "$facts"
+fi
+# Outside .git and what pmesh-dev keeps in a service root (.pmesh/; .run and .build-* after a watch).
+total_files=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -path './.build*' -prune -o -path './.run*' -prune -o ! -type d -print | wc -l)
+total_dirs=$(find . -path ./.git -prune -o -path ./.pmesh -prune -o -path './.build*' -prune -o -path './.run*' -prune -o -type d -print | wc -l)
 git_files=$(git ls-files | wc -l)
-rm -f .pmesh/digests
-pm_json=$("$PMESH" hash tree --json)
+# Tracked files that the ignore rules match: git hashes them (xxhsum gets them from ls-files),
+# pmesh-dev never sees them. None in the generated trees; a real checkout may have some.
+tracked_ignored=$(git ls-files -ci --exclude-standard | wc -l)
+rm -rf .pmesh
+pm_json=$("$PMESH" hash tree --manifest "$MANIFEST" --json)
 pm_files=$(sed -E 's/.*"files": *([0-9]+).*/\1/' <<<"$pm_json")
 pm_bytes=$(sed -E 's/.*"bytes": *([0-9]+).*/\1/' <<<"$pm_json")
 tracked_ignore_files=$(git ls-files | grep -cE '(^|/)\.(git)?ignore$' || true)
 log "tree: $total_files files (symlinks included) in $total_dirs directories (root included)"
-log "pmesh-dev hashes $pm_files files ($pm_bytes bytes); git tracks $git_files (pmesh.toml is tracked but never hashed; $tracked_ignore_files ignore files counted by both)"
-if [ "$git_files" -ne $((pm_files + 1)) ]; then
-    log "warning: file counts differ by $((git_files - pm_files)), expected 1 (pmesh.toml)"
+log "pmesh-dev hashes $pm_files files ($pm_bytes bytes); git tracks $git_files ($UNHASHED never hashed: the manifest; $tracked_ignored that the ignore rules match; $tracked_ignore_files ignore files counted by both)"
+expected=$((git_files - UNHASHED - tracked_ignored))
+if [ "$pm_files" -ne "$expected" ]; then
+    log "warning: pmesh-dev hashes $((pm_files - expected)) files more than git tracks less the $UNHASHED + $tracked_ignored above"
 fi
 
 # Correctness, cheaply: pmesh-dev's per-file digests are xxh3-128, as xxhsum -H2 prints them.
+# Checked on the first, the middle and the last file pmesh-dev lists, and the largest (big ones
+# are read streamed).
 digest_check=ok
-list=$("$PMESH" hash tree --list)
-for f in fixtures/large-data.json package.json "$(git -c core.quotePath=false ls-files | sed -n '50000p')"; do
+list=$("$PMESH" hash tree --manifest "$MANIFEST" --list)
+n=$(wc -l <<<"$list")
+largest=$(cut -c35- <<<"$list" | tr '\n' '\0' | xargs -0 stat -c '%s %n' -- | sort -n | tail -1 | cut -d' ' -f2-)
+checked=0
+for f in "$(sed -n 1p <<<"$list" | cut -c35-)" "$(sed -n "$(((n + 1) / 2))p" <<<"$list" | cut -c35-)" \
+    "$(sed -n "${n}p" <<<"$list" | cut -c35-)" "$largest"; do
     want=$(xxhsum -q -H2 -- "$f" | awk '{print $1}')
-    got=$(awk -v p="$f" 'substr($0, 35) == p {print $1}' <<<"$list")
+    got=$(P=$f awk 'substr($0, 35) == ENVIRON["P"] {print $1}' <<<"$list")
+    checked=$((checked + 1))
     if [ "$want" != "$got" ]; then
         digest_check="MISMATCH"
         log "digest mismatch for $f: pmesh-dev '${got:-<missing>}', xxhsum -H2 '$want'"
     fi
 done
-log "per-file digests vs xxhsum -H2 on 3 files: $digest_check"
+log "per-file digests vs xxhsum -H2 on $checked files (the largest: $largest): $digest_check"
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 # --- cold: no digest cache vs xxhsum over the same files --------------------------------------
-log "cold: pmesh-dev hash without its digest cache vs git ls-files | xargs -P$CORES xxhsum -H2 ($RUNS runs each, interleaved; page cache warm)"
+log "cold: pmesh-dev hash of the service (.pmesh/ removed: the cache is written) and of the directory (no cache) vs git ls-files | xargs -P$CORES xxhsum -H2 ($RUNS runs each, interleaved; page cache warm)"
 STATS_LOG=/dev/null
-rm -f .pmesh/digests; pm_hash >/dev/null; xxh_pipeline >/dev/null   # warm the page cache for both
-STATS_LOG="$GIT_HOME/stats-cold"
-cold=(); xxh=()
-cold_cpu=(); xxh_cpu=()
+# Warms the page cache for all; xxhsum fails on a tracked path it cannot read (a submodule,
+# a dangling symlink), and goes on with the rest.
+rm -rf .pmesh; pm_hash >/dev/null; pm_hash_dir >/dev/null
+xxh_pipeline >/dev/null 2>"$GIT_HOME/xxh.err" ||
+    log "warning: the xxhsum pipeline failed on some paths: $(head -3 "$GIT_HOME/xxh.err")"
+cold=(); dirh=(); xxh=()
+cold_cpu=(); dirh_cpu=(); xxh_cpu=()
 for ((i = 1; i <= RUNS; i++)); do
-    rm -f .pmesh/digests
+    rm -rf .pmesh
+    STATS_LOG="$GIT_HOME/stats-cold"
     r=$(time_us pm_hash); cold+=("$(wall "$r")"); cold_cpu+=("$(cpu "$r")")
-    r=$(time_us xxh_pipeline); xxh+=("$(wall "$r")"); xxh_cpu+=("$(cpu "$r")")
-    log "  run $i: pmesh-dev $(fmt_ms "${cold[-1]}") (cpu $(fmt_ms "${cold_cpu[-1]}")), xxhsum $(fmt_ms "${xxh[-1]}") (cpu $(fmt_ms "${xxh_cpu[-1]}"))"
+    STATS_LOG="$GIT_HOME/stats-dir"
+    r=$(time_us pm_hash_dir); dirh+=("$(wall "$r")"); dirh_cpu+=("$(cpu "$r")")
+    r=$(time_us xxh_pipeline 2>/dev/null); xxh+=("$(wall "$r")"); xxh_cpu+=("$(cpu "$r")")
+    log "  run $i: pmesh-dev service $(fmt_ms "${cold[-1]}") (cpu $(fmt_ms "${cold_cpu[-1]}")), directory $(fmt_ms "${dirh[-1]}") (cpu $(fmt_ms "${dirh_cpu[-1]}")), xxhsum $(fmt_ms "${xxh[-1]}") (cpu $(fmt_ms "${xxh_cpu[-1]}"))"
 done
-rm -f .pmesh/digests
-cold_stats=$(/usr/bin/time -f 'RSS %M' -o "$GIT_HOME/rss-cold" "$PMESH" hash tree --stats 2>&1 >/dev/null)
+rm -rf .pmesh
+cold_stats=$(/usr/bin/time -f 'RSS %M' -o "$GIT_HOME/rss-cold" "$PMESH" hash tree --manifest "$MANIFEST" --stats 2>&1 >/dev/null)
 rss_cold=$(awk '/^RSS/ {print $2}' "$GIT_HOME/rss-cold")
 
 # --- warm: cache present, nothing changed, vs git status --------------------------------------
@@ -406,7 +471,7 @@ for ((i = 1; i <= RUNS; i++)); do
     r=$(time_us git_status); gst+=("$(wall "$r")"); gst_cpu+=("$(cpu "$r")")
     log "  run $i: pmesh-dev $(fmt_ms "${warm[-1]}") (cpu $(fmt_ms "${warm_cpu[-1]}")), git status $(fmt_ms "${gst[-1]}") (cpu $(fmt_ms "${gst_cpu[-1]}"))"
 done
-warm_stats=$(/usr/bin/time -f 'RSS %M' -o "$GIT_HOME/rss-warm" "$PMESH" hash tree --stats 2>&1 >/dev/null)
+warm_stats=$(/usr/bin/time -f 'RSS %M' -o "$GIT_HOME/rss-warm" "$PMESH" hash tree --manifest "$MANIFEST" --stats 2>&1 >/dev/null)
 rss_warm=$(awk '/^RSS/ {print $2}' "$GIT_HOME/rss-warm")
 if grep -qv 'files read 0 ' "$STATS_LOG"; then
     log "note: some warm runs still read files:"
@@ -414,36 +479,47 @@ if grep -qv 'files read 0 ' "$STATS_LOG"; then
 fi
 
 # --- table ------------------------------------------------------------------------------------
-m_cold=$(median "${cold[@]}"); m_xxh=$(median "${xxh[@]}")
+m_cold=$(median "${cold[@]}"); m_dir=$(median "${dirh[@]}"); m_xxh=$(median "${xxh[@]}")
 m_warm=$(median "${warm[@]}"); m_gst=$(median "${gst[@]}")
 rss_verdict=$(awk -v k="$rss_cold" -v w="$rss_warm" 'BEGIN {m = (k > w ? k : w); print (m < 150*1024 ? "met" : "MISSED")}')
 mb() { awk -v k="$1" 'BEGIN {printf "%.1f MB", k/1024}'; }
+per_file() { awk -v k="$1" -v n="$pm_files" 'BEGIN {if (n > 0) printf "%.0f B/file", k*1024/n}'; }
+row() { printf '  %-28s %12s   %-34s %12s   %7s   %-8s %s\n' "$@"; }
 
 echo
-echo "pmesh-dev hash benchmark: $BENCH_DIR"
+case $MODE in
+    "") echo "pmesh-dev hash benchmark: $BENCH_DIR" ;;
+    deep) echo "pmesh-dev hash benchmark on a generated deep tree: $TREE" ;;
+    real) echo "pmesh-dev hash benchmark on a real tree: $TREE" ;;
+esac
+[ -z "$facts" ] || echo "$facts"
 echo "  tree: $total_files files in $total_dirs dirs; hashed by pmesh-dev: $pm_files files, $pm_bytes bytes;"
-echo "  tracked by git: $git_files (pmesh.toml, which pmesh-dev never hashes, is the 1 difference expected; both include the $tracked_ignore_files ignore files)"
+echo "  tracked by git: $git_files ($UNHASHED never hashed: the manifest in the tree; $tracked_ignored that the ignore rules match; both include the $tracked_ignore_files ignore files)"
 echo "  $CORES cores (load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)), medians of $RUNS runs"
 echo "  OS page cache warm for every run of every tool; cold = without pmesh-dev's digest cache"
-echo "  per-file digests equal xxhsum -H2: $digest_check"
+echo "  per-file digests equal xxhsum -H2 (on $checked files): $digest_check"
 echo
-printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "measure" "pmesh-dev" "baseline" "baseline" "ratio" "target" "verdict"
-printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "cold hash (no cache)" "$(fmt_ms "$m_cold")" \
-    "git ls-files|xargs -P$CORES xxhsum" "$(fmt_ms "$m_xxh")" "$(ratio "$m_cold" "$m_xxh")" "<= 1.0x" \
-    "$(verdict "$m_cold" "$m_xxh" 1.0)"
-printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "warm hash (cache, no edit)" "$(fmt_ms "$m_warm")" \
-    "git status --porcelain" "$(fmt_ms "$m_gst")" "$(ratio "$m_warm" "$m_gst")" "<= 0.6x" \
-    "$(verdict "$m_warm" "$m_gst" 0.6)"
-printf '  %-26s %12s   %-34s %12s   %7s   %-8s %s\n' "peak RSS cold / warm" "$(mb "$rss_cold")" \
-    "(warm)" "$(mb "$rss_warm")" "" "< 150 MB" "$rss_verdict"
-printf '  %-26s %12s   %-34s %12s   %7s\n' "cpu (user+sys), cold" "$(fmt_ms "$(median "${cold_cpu[@]}")")" \
+row "measure" "pmesh-dev" "baseline" "baseline" "ratio" "target" "verdict"
+row "cold hash of the service" "$(fmt_ms "$m_cold")" "git ls-files|xargs -P$CORES xxhsum" "$(fmt_ms "$m_xxh")" \
+    "$(ratio "$m_cold" "$m_xxh")" "<= 1.0x" "$(verdict "$m_cold" "$m_xxh" 1.0)"
+row "  (cache written)" "" "" "" "" "" ""
+row "cold hash DIR (no cache)" "$(fmt_ms "$m_dir")" "the same" "$(fmt_ms "$m_xxh")" \
+    "$(ratio "$m_dir" "$m_xxh")" "" ""
+row "warm hash (cache, no edit)" "$(fmt_ms "$m_warm")" "git status --porcelain" "$(fmt_ms "$m_gst")" \
+    "$(ratio "$m_warm" "$m_gst")" "<= 0.6x" "$(verdict "$m_warm" "$m_gst" 0.6)"
+row "peak RSS cold / warm" "$(mb "$rss_cold")" "(warm)" "$(mb "$rss_warm")" "" "< 150 MB" "$rss_verdict"
+row "  per hashed file" "$(per_file "$rss_cold")" "(warm)" "$(per_file "$rss_warm")" "" "" ""
+row "cpu (user+sys), cold" "$(fmt_ms "$(median "${cold_cpu[@]}")")" \
     "xxhsum pipeline" "$(fmt_ms "$(median "${xxh_cpu[@]}")")" "$(ratio "$(median "${cold_cpu[@]}")" "$(median "${xxh_cpu[@]}")")"
-printf '  %-26s %12s   %-34s %12s   %7s\n' "cpu (user+sys), warm" "$(fmt_ms "$(median "${warm_cpu[@]}")")" \
+row "cpu (user+sys), cold DIR" "$(fmt_ms "$(median "${dirh_cpu[@]}")")" \
+    "xxhsum pipeline" "$(fmt_ms "$(median "${xxh_cpu[@]}")")" "$(ratio "$(median "${dirh_cpu[@]}")" "$(median "${xxh_cpu[@]}")")"
+row "cpu (user+sys), warm" "$(fmt_ms "$(median "${warm_cpu[@]}")")" \
     "git status" "$(fmt_ms "$(median "${gst_cpu[@]}")")" "$(ratio "$(median "${warm_cpu[@]}")" "$(median "${gst_cpu[@]}")")"
 echo "  (CPU time is less sensitive than wall time to other load on the machine; the targets are on wall time)"
 echo
 echo "  where the time goes (pmesh-dev hash --stats):"
 echo "    cold, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-cold")"
+echo "    cold DIR, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-dir")"
 echo "    warm, medians of the timed runs: $(phase_medians "$GIT_HOME/stats-warm")"
 total_cold=$(total_median_us "$GIT_HOME/stats-cold")
 total_warm=$(total_median_us "$GIT_HOME/stats-warm")
@@ -453,5 +529,5 @@ if [ -n "$total_cold" ] && [ -n "$total_warm" ]; then
 fi
 echo "    cold, one run: $(grep -v '^RSS' <<<"$cold_stats")"
 echo "    warm, one run: $(grep -v '^RSS' <<<"$warm_stats")"
-echo "  all runs, wall us: cold ${cold[*]} | xxhsum ${xxh[*]} | warm ${warm[*]} | git status ${gst[*]}"
+echo "  all runs, wall us: cold ${cold[*]} | cold DIR ${dirh[*]} | xxhsum ${xxh[*]} | warm ${warm[*]} | git status ${gst[*]}"
 exit 0

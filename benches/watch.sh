@@ -4,17 +4,35 @@
 #   benches/watch.sh                          # RUNS=5 EDITS=15 IDLE_S=10, tree in /tmp/pmesh-bench-tree
 #   RUNS=9 EDITS=30 BENCH_DIR=/some/where benches/watch.sh
 #   RUNS=3 EDITS=9 benches/watch.sh deep      # the deep tree, and past the watch limit (below)
+#   REAL_DIR=/path/to/checkout benches/watch.sh real   # the same on a real repository's checkout
 #
 # `deep` generates (once) a tree of a JS monorepo's shape in $DEEP_DIR (/tmp/pmesh-bench-deep):
-# about 2 files a directory, $DEEP_DIRS (52000) directories, a git repository. For inotify on
-# every directory, then past the watch limit (PMESH_DEV_TEST_MAX_WATCHES = a quarter of the
-# directories: the shallowest keep inotify, three quarters are polled), it prints cold (no
-# digest cache: a checkout's first watch) and warm starts against git status, RSS per file after
-# each and after $IDLE_S_DEEP (30) idle seconds, idle CPU over those seconds, the poll interval
-# `watching` states, and edit to `build_started` beyond the debounce for a file in a shallow
-# (watched) and in the deepest (polled, past the limit) directory.
+# about 2 files a directory, $DEEP_DIRS (52000) directories, a git repository (the generator is
+# make_deep_tree in common.sh, shared with benches/hash.sh deep). `real` measures instead the
+# git checkout $REAL_DIR as it is, at its commit: the team benchmarks on at least one real public
+# repository as well as on generated trees, and a real one has what a generator leaves out
+# (uneven directories, long paths, ignore rules with negations, tracked files the rules match).
+# With $REAL_SRC (a repository git can clone) and no $REAL_DIR yet, it is cloned there first.
+# The README's real-tree figures are of babel/babel at 1da3cfa1a25503c7ecba7304f8738933e6d16dca
+# ("Enable `no-useless-computed-key` rule (#18179)"; 27,674 files in 13,024 directories, ~2.1 a
+# directory): `git clone -q <a clone of babel/babel> /tmp/pmesh-bench-babel`, then
+# `REAL_DIR=/tmp/pmesh-bench-babel benches/watch.sh real` (RUNS=5 EDITS=9, the defaults else).
+# Any other checkout works the same (on a machine without that one, a clone of this repository).
 #
-# It builds pmesh-dev in release, makes (or reuses) the ~100k-file tree of benches/hash.sh (its
+# For inotify on every directory, then past the watch limit (PMESH_DEV_TEST_MAX_WATCHES = a
+# quarter of the directories the first watch reported: the shallowest keep inotify, three
+# quarters are polled), both modes print cold (no digest cache: a checkout's first watch) and
+# warm starts against git status, RSS per file after each and after $IDLE_S_DEEP (30) idle
+# seconds (also less the RSS of a watch of a one-file tree: what is fixed, whatever the tree,
+# from what grows with it), idle CPU over those seconds, the poll interval `watching` states, and edit to
+# `build_started` beyond the debounce for a file in a shallow (watched) and in the deepest
+# (polled, past the limit) directory; also the commit measured (git rev-parse --short HEAD), the
+# files git tracks and the directories holding them, their paths' depth and length, and what is
+# on disk. The tree is left as it was found: the edited files get their content and mtime back,
+# and `.run`, `.run.tmp-*`, `.build`, `.build-*` (and `.pmesh/`, the digest cache, unless the
+# tree's own rules hide it) are hidden from git through .git/info/exclude.
+#
+# Without a mode, it builds pmesh-dev in release, makes (or reuses) the ~100k-file tree of benches/hash.sh (its
 # generator is taken from that script, so both always measure the same tree), and runs
 # `pmesh-dev watch --json` on it through a manifest of its own (outside the tree; root = the
 # tree, build = ["true"], no run, debounce = $DEBOUNCE_MS). It prints:
@@ -43,9 +61,11 @@ DEBOUNCE_MS=${DEBOUNCE_MS:-50}
 BENCH_DIR=${BENCH_DIR:-/tmp/pmesh-bench-tree}
 CORES=$(nproc)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck disable=SC2034 # read by make_tree, taken from benches/hash.sh below
 MARKER_NAME=pmesh-bench-tree-v1 # the same marker as benches/hash.sh: the same tree
 
 . "$REPO/benches/common.sh"
+# shellcheck disable=SC2317 # called by make_tree, taken from benches/hash.sh below
 ms_since() { local t0=${1/./} t1=${EPOCHREALTIME/./}; echo $(((10#$t1 - 10#$t0) / 1000)); }
 
 # --- tools -----------------------------------------------------------------------------------
@@ -54,81 +74,43 @@ command -v python3 >/dev/null || need+=(python3)
 command -v git >/dev/null || need+=(git)
 install_missing "${need[@]}"
 
-# --- `deep`: the deep tree, with inotify on every directory and past the watch limit -----------
-if [ "${1:-}" = deep ]; then
+# --- `deep` and `real`: a deep tree, with inotify on every directory and past the watch limit --
+if [ "${1:-}" = deep ] || [ "${1:-}" = real ]; then
+    MODE=$1
     pick_pmesh
-    DEEP_DIR=${DEEP_DIR:-/tmp/pmesh-bench-deep}
-    DEEP_DIRS=${DEEP_DIRS:-52000}
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
-    export HOME="$WORK" GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null
-    unset XDG_CONFIG_HOME GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE
-    marker="$DEEP_DIR/.git/pmesh-bench-deep-v1-$DEEP_DIRS"
-    if [ ! -e "$marker" ]; then
-        log "generating the deep tree in $DEEP_DIR ($DEEP_DIRS directories, about 2 files each)"
-        rm -rf "$DEEP_DIR"
-        python3 - "$DEEP_DIR" "$DEEP_DIRS" <<'PY'
-import os, random, sys
-root, want = sys.argv[1], int(sys.argv[2])
-rng = random.Random(52)
-NAMES = ("components utils hooks lib api services models views pages routes store helpers types "
-         "constants config styles assets icons locales core common shared internal features "
-         "widgets layouts forms tables charts auth admin settings __tests__ fixtures").split()
-os.makedirs(root)
-with open(os.path.join(root, ".gitignore"), "w") as f:
-    f.write("node_modules/\ndist/\n*.log\n.pmesh/\n")
-dirs, files = 1, 0
-def fill(d):
-    global files
-    for i in range(rng.choice((1, 2, 2, 2, 3))):
-        ext = rng.choice((".ts", ".tsx", ".js", ".json", ".css"))
-        with open(os.path.join(d, "f%d%s" % (i, ext)), "w") as f:
-            f.write("// %s\n" % os.path.relpath(d, root) + "x" * rng.randint(100, 3000) + "\n")
-        files += 1
-# Packages of nested directories, breadth first within each, 2 or 3 children a directory.
-pkg = 0
-while dirs < want:
-    top = os.path.join(root, "packages", "pkg-%04d" % pkg, "src")
-    os.makedirs(top)
-    dirs += 3 if pkg == 0 else 2
-    fill(top)
-    level, size = [top], rng.randint(60, 200)
-    while level and size > 0 and dirs < want:
-        nxt = []
-        for d in level:
-            for name in rng.sample(NAMES, rng.choice((2, 2, 3))):
-                if size <= 0 or dirs >= want:
-                    break
-                c = os.path.join(d, name)
-                os.mkdir(c)
-                fill(c)
-                nxt.append(c)
-                dirs += 1
-                size -= 1
-        level = nxt
-    pkg += 1
-print("generated %d directories, %d files" % (dirs, files), file=sys.stderr)
-PY
-        git -C "$DEEP_DIR" init -q
-        git -C "$DEEP_DIR" add -A
-        git -C "$DEEP_DIR" -c user.name=bench -c user.email=bench@localhost commit -qm "deep tree"
-        git -C "$DEEP_DIR" config gc.auto 0
-        printf '%s\n' '/.run' '/.run.tmp-*' '/.build' '/.build-*' >>"$DEEP_DIR/.git/info/exclude"
-        touch "$marker"
+    isolate_git "$WORK"
+    if [ "$MODE" = deep ]; then
+        TREE=${DEEP_DIR:-/tmp/pmesh-bench-deep}
+        make_deep_tree "$TREE" "${DEEP_DIRS:-52000}"
+    else
+        use_real_tree
+        TREE=$REAL_DIR
     fi
+    hide_from_git "$TREE"
     printf '[services.deep]\nroot = "%s"\nbuild = ["true"]\ndebounce = "%sms"\n' \
-        "$DEEP_DIR" "$DEBOUNCE_MS" >"$WORK/pmesh.toml"
-    ndirs=$(find "$DEEP_DIR" -path "$DEEP_DIR/.git" -prune -o -path "$DEEP_DIR/.pmesh" -prune \
-        -o -name '.build*' -prune -o -type d -print | wc -l)
-    shallow=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF == 4 && f == "" {f = $0} END {print f}')
-    deepest=$(git -C "$DEEP_DIR" ls-files | awk -F/ 'NF > best {best = NF; f = $0} END {print f}')
-    log "deep tree: $ndirs directories; edits of $shallow (shallow) and $deepest (deepest)"
-    PMESH_BENCHES="$REPO/benches" python3 - "$PMESH" "$WORK/pmesh.toml" "$DEEP_DIR" "$shallow" \
-        "$deepest" "$RUNS" "$EDITS" "${IDLE_S_DEEP:-30}" "$DEBOUNCE_MS" "$ndirs" "$WORK" <<'PY' || true
+        "$TREE" "$DEBOUNCE_MS" >"$WORK/pmesh.toml"
+    facts=$(tree_facts "$TREE")
+    log "$MODE tree $TREE:" "$facts"
+    # The files to edit, among those pmesh-dev hashes and watches (`hash DIR --list`: a tracked
+    # file that the ignore rules match is never seen, and writes no digest cache): the first at
+    # depth 4 in path order (a package's src/: the shallow directories keep their watch past the
+    # limit) outside hidden directories (a checkout's .yarn/, .github/), else the first of the
+    # shallowest below the root; and the first of the deepest.
+    "$PMESH" hash "$TREE" --list | cut -c35- >"$WORK/files"
+    shallow=$(awk -F/ 'NF == 4 && !/(^|\/)\./ {print; exit}' "$WORK/files")
+    [ -n "$shallow" ] || shallow=$(awk -F/ 'NF > 1 && (best == "" || NF < best) {best = NF; f = $0} END {print f}' "$WORK/files")
+    deepest=$(awk -F/ 'NF > best {best = NF; f = $0} END {print f}' "$WORK/files")
+    log "edits of $shallow (shallow) and $deepest (deepest)"
+    PMESH_BENCHES="$REPO/benches" python3 - "$PMESH" "$WORK/pmesh.toml" "$TREE" "$shallow" \
+        "$deepest" "$RUNS" "$EDITS" "${IDLE_S_DEEP:-30}" "$DEBOUNCE_MS" "$WORK" "$MODE" "$facts" \
+        "$CORES" <<'PY' || true
 import os, shutil, statistics, subprocess, sys, time
-pm, manifest, tree, shallow, deepest, runs, edits, idle_s, debounce_ms, ndirs, work = sys.argv[1:]
+(pm, manifest, tree, shallow, deepest, runs, edits, idle_s, debounce_ms, work, mode, facts,
+ cores) = sys.argv[1:]
 runs, edits, idle_s, debounce_ms = int(runs), int(edits), float(idle_s), float(debounce_ms)
-ndirs = int(ndirs)
+load_before = " ".join(open("/proc/loadavg").read().split()[:3])
 sys.path.insert(0, os.environ["PMESH_BENCHES"])
 import events
 TICK = os.sysconf("SC_CLK_TCK")
@@ -189,13 +171,19 @@ def edit_latency(w, rel, n):
                    "build_finished")
     return out
 
-originals = {r: open(os.path.join(tree, r), "rb").read() for r in (shallow, deepest)}
+# The edited files get their content and times back, so git sees the checkout as it was.
+originals = {}
+for r in (shallow, deepest):
+    path = os.path.join(tree, r)
+    originals[r] = (open(path, "rb").read(), os.stat(path))
 rows = []
 try:
     git_status(); time.sleep(2.2)
-    for name, limit in (("inotify on every directory", 0),
-                        ("past the watch limit (a quarter watched)", ndirs // 4)):
-        log("%s:" % name)
+    # The limit: a quarter of the directories that the first watch takes part in (those on
+    # disk may be more: node_modules and other ignored trees are never watched).
+    for name in ("inotify on every directory", "past the watch limit (a quarter watched)"):
+        limit = rows[0][1].get("dirs", 0) // 4 if rows else 0
+        log("%s:%s" % (name, " PMESH_DEV_TEST_MAX_WATCHES=%d" % limit if limit else ""))
         cold, warm, gst, rss_cold, rss_warm = [], [], [], [], []
         for i in range(runs):
             for is_cold in (True, False):
@@ -219,25 +207,52 @@ try:
         lat_w = edit_latency(w, shallow, edits)
         lat_p = edit_latency(w, deepest, edits if not limit else max(3, edits // 3))
         w.stop(timeout=60)
-        rows.append((name, ev, statistics.median(cold), statistics.median(warm),
+        rows.append((name, ev, limit, statistics.median(cold), statistics.median(warm),
                      statistics.median(gst), statistics.median(rss_cold),
                      statistics.median(rss_warm), rss_idle, idle, lat_w, lat_p))
+    # What a watch holds whatever the tree (code, threads, buffers): the RSS of one on a tree of
+    # one file, so that RSS per file can be split into that and a part that grows with the tree
+    # (about 10 MB: some 45 % of a watch of babel's 28k files, 28 % of one of the deep tree's 103k).
+    one = os.path.join(work, "one-file")
+    os.makedirs(one, exist_ok=True)
+    with open(os.path.join(one, "a.txt"), "w") as f:
+        f.write("a\n")
+    with open(os.path.join(work, "one-file.toml"), "w") as f:
+        f.write('[services.one]\nroot = "%s"\nbuild = ["true"]\n' % one)
+    os.environ.pop("PMESH_DEV_TEST_MAX_WATCHES", None)
+    w = events.Watch([pm, "watch", "--json", "--manifest", os.path.join(work, "one-file.toml")],
+                     work, os.path.join(work, "watch.stderr"))
+    w.wait_for(lambda e: e.get("event") == "watching", 60, "watching")
+    settle(w)
+    rss_one = proc(w, "VmRSS")
+    w.stop(timeout=60)
 finally:
-    for r, b in originals.items():
+    for r, (b, st) in originals.items():
         with open(os.path.join(tree, r), "wb") as f:
             f.write(b)
+        os.utime(os.path.join(tree, r), ns=(st.st_atime_ns, st.st_mtime_ns))
     subprocess.run(["git", "status", "--porcelain"], cwd=tree, stdout=subprocess.DEVNULL)
 
 print()
-print("pmesh-dev watch on a deep tree: %s (medians of %d starts)" % (tree, runs))
-for (name, ev, cold, warm, gst, rc, rw, ri, idle, lw, lp) in rows:
-    print("  %s: %d files in %d directories, mode %s, %d polled every %d ms"
-          % (name, ev.get("files"), ev.get("dirs"), ev.get("mode"), ev.get("polled_dirs", 0),
+print("pmesh-dev watch on a %s tree: %s (medians of %d starts)"
+      % ("generated deep" if mode == "deep" else "real", tree, runs))
+print(facts)
+print("  edited: %s (shallow), %s (deepest); debounce %g ms, build = [\"true\"], no run"
+      % (shallow, deepest, debounce_ms))
+print("  %s cores, load average before: %s, after: %s"
+      % (cores, load_before, " ".join(open("/proc/loadavg").read().split()[:3])))
+for (name, ev, limit, cold, warm, gst, rc, rw, ri, idle, lw, lp) in rows:
+    print("  %s%s: %d files in %d directories, mode %s, %d polled every %d ms"
+          % (name, " (PMESH_DEV_TEST_MAX_WATCHES=%d)" % limit if limit else "", ev.get("files"),
+             ev.get("dirs"), ev.get("mode"), ev.get("polled_dirs", 0),
              ev.get("poll_interval_ms", 0)))
     print("    cold start %.0f ms (%.2fx git status, %.0f ms), warm %.0f ms (%.2fx)"
           % (cold * 1e3, cold / gst, gst * 1e3, warm * 1e3, warm / gst))
     print("    RSS per file: %.0f B after a cold start, %.0f B after a warm one, %.0f B after %g s idle"
           % (rc, rw, ri, idle_s))
+    n = ev.get("files") or 1
+    print("      less the %.1f MB of a watch of a one-file tree: %.0f B, %.0f B, %.0f B"
+          % (rss_one / 2**20, rc - rss_one / n, rw - rss_one / n, ri - rss_one / n))
     print("    idle CPU over %g s: %.1f %% of a core" % (idle_s, idle * 100))
     print("    edit to build_started beyond the debounce: shallow file p50 %.1f ms (max %.1f, %d edits), "
           "deepest file p50 %.1f ms (max %.1f, %d edits)"
@@ -251,9 +266,7 @@ pick_pmesh
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-# Global and system git configuration must not matter (excludes, hooks, fsmonitor, ...).
-export HOME="$WORK" GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null
-unset XDG_CONFIG_HOME GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE
+isolate_git "$WORK"
 
 # --- the tree: benches/hash.sh's own generator --------------------------------------------------
 HASH_SH="$REPO/benches/hash.sh"
@@ -266,13 +279,7 @@ done
 make_tree
 write_manifest
 no_auto_gc "$BENCH_DIR"
-# pmesh-dev keeps .run and the .build-* archives in the service root: keep them out of git's
-# sight, so that git status (the baseline) sees the clean tree it saw before.
-exclude="$BENCH_DIR/.git/info/exclude"
-mkdir -p "$(dirname "$exclude")"
-for p in /.run /.run.tmp-* /.build /.build-*; do
-    grep -qxF -- "$p" "$exclude" 2>/dev/null || printf '%s\n' "$p" >>"$exclude"
-done
+hide_from_git "$BENCH_DIR"
 
 cat >"$WORK/pmesh.toml" <<EOF
 [services.tree]
