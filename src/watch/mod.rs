@@ -17,9 +17,11 @@
 
 #[cfg(target_os = "linux")]
 mod inotify;
+mod names;
 mod native;
 mod poll;
 
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,7 +89,7 @@ const TEST_OVERFLOW: &str = "PMESH_DEV_TEST_OVERFLOW";
 /// Test hook: behave as if at most this many directories could be watched (inotify or native).
 const TEST_MAX_WATCHES: &str = "PMESH_DEV_TEST_MAX_WATCHES";
 
-/// What a backend that receives events does, one directory at a time.
+/// What a backend that receives events does.
 enum Events {
     #[cfg(target_os = "linux")]
     Inotify(inotify::Inotify),
@@ -95,11 +97,33 @@ enum Events {
 }
 
 impl Events {
-    fn add(&mut self, dir: &Path) -> Result<(), WatchError> {
+    /// Watches the directories of `batch` at the positions `todo`, at most `room` more of them
+    /// if given; the positions left for lack of room.
+    fn add(
+        &mut self,
+        batch: &Batch,
+        todo: &[u32],
+        room: Option<usize>,
+    ) -> Result<Vec<u32>, WatchError> {
         match self {
             #[cfg(target_os = "linux")]
-            Events::Inotify(w) => w.add(dir),
-            Events::Native(w) => w.add(dir),
+            Events::Inotify(w) => w.add(batch, todo, room),
+            Events::Native(w) => {
+                for (i, &k) in todo.iter().enumerate() {
+                    let added = if room.is_some_and(|r| i >= r) {
+                        Err(WatchError::Limit)
+                    } else {
+                        w.add(&batch.abs(k))
+                    };
+                    match added {
+                        Ok(()) => {}
+                        // Deeper ones would not fit either.
+                        Err(WatchError::Limit) => return Ok(todo[i..].to_vec()),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Vec::new())
+            }
         }
     }
 
@@ -117,6 +141,70 @@ impl Events {
             Events::Inotify(w) => w.len(),
             Events::Native(w) => w.len(),
         }
+    }
+}
+
+/// Directories to add, collected once: each one's path relative to the base (absolute when
+/// outside it) in one buffer, the service's own first and the shallowest first.
+struct Batch {
+    base: PathBuf,
+    bytes: Vec<u8>,
+    /// Where each path is in `bytes`.
+    spans: Vec<(u32, u32)>,
+}
+
+impl Batch {
+    fn new<P: AsRef<Path>>(base: &Path, dirs: impl ExactSizeIterator<Item = P>) -> Batch {
+        let mut bytes = Vec::new();
+        let mut keyed = Vec::with_capacity(dirs.len());
+        for d in dirs {
+            let d = d.as_ref();
+            let (rel, outside) = match d.strip_prefix(base) {
+                Ok(rel) => (rel.as_os_str().as_bytes(), false),
+                Err(_) => (d.as_os_str().as_bytes(), true),
+            };
+            let at = u32::try_from(bytes.len()).expect("more than 4 GiB of paths");
+            bytes.extend_from_slice(rel);
+            let depth = rel.iter().filter(|&&b| b == b'/').count() + usize::from(!rel.is_empty());
+            let key = u32::from(outside) << 31 | depth.min(u32::MAX as usize >> 1) as u32;
+            keyed.push((key, at, rel.len() as u32));
+        }
+        // Stable: directories of one depth stay in the order given.
+        keyed.sort_by_key(|&(key, ..)| key);
+        Batch {
+            base: base.to_path_buf(),
+            bytes,
+            spans: keyed.into_iter().map(|(_, at, len)| (at, len)).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The path at position `k`: relative to the base, or absolute.
+    fn rel(&self, k: u32) -> &[u8] {
+        let (at, len) = self.spans[k as usize];
+        &self.bytes[at as usize..(at + len) as usize]
+    }
+
+    /// The absolute path at position `k`, appended to `out`.
+    fn abs_into(&self, k: u32, out: &mut Vec<u8>) {
+        let rel = self.rel(k);
+        if rel.first() != Some(&b'/') {
+            out.extend_from_slice(self.base.as_os_str().as_bytes());
+            if rel.is_empty() {
+                return;
+            }
+            out.push(b'/');
+        }
+        out.extend_from_slice(rel);
+    }
+
+    fn abs(&self, k: u32) -> PathBuf {
+        let mut out = Vec::new();
+        self.abs_into(k, &mut out);
+        PathBuf::from(std::ffi::OsString::from_vec(out))
     }
 }
 
@@ -210,42 +298,34 @@ impl DirWatcher {
         &mut self,
         dirs: impl ExactSizeIterator<Item = P>,
     ) -> Result<(), WatchError> {
-        let Some(events) = self.events.as_mut() else {
-            let dirs: Vec<PathBuf> = dirs.map(|d| d.as_ref().to_path_buf()).collect();
-            self.poller.add(&dirs);
-            return Ok(());
-        };
         // Which directories get a watch matters only once the limit is met, but that is known
         // only on meeting it; sorting first costs a few milliseconds on 100k directories.
-        let mut dirs: Vec<PathBuf> = dirs.map(|d| d.as_ref().to_path_buf()).collect();
-        dirs.sort_by_cached_key(|d| (!d.starts_with(&self.base), d.components().count()));
-        let mut spill = Vec::new();
-        for (i, dir) in dirs.iter().enumerate() {
-            if self.poller.contains(dir) {
-                // Polled already: looked at afresh.
-                spill.push(dir.clone());
-                continue;
-            }
-            let full = self.test_limit.is_some_and(|limit| events.len() >= limit);
-            let added = if full {
-                Err(WatchError::Limit)
-            } else {
-                events.add(dir)
-            };
-            match added {
-                Ok(()) => {}
-                Err(WatchError::Limit) => {
-                    // Deeper ones would not fit either.
-                    spill.extend(dirs[i..].iter().cloned());
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
+        let batch = Batch::new(&self.base, dirs);
+        let Some(events) = self.events.as_mut() else {
+            let all: Vec<u32> = (0..batch.len() as u32).collect();
+            self.poller.add(&batch, &all);
+            return Ok(());
+        };
+        // Polled already: looked at afresh.
+        let polled = self.poller.find(&batch);
+        let todo: Vec<u32> = if polled.is_empty() {
+            (0..batch.len() as u32).collect()
+        } else {
+            let mut p = polled.iter().peekable();
+            (0..batch.len() as u32)
+                .filter(|k| p.next_if_eq(&k).is_none())
+                .collect()
+        };
+        let room = self.test_limit.map(|l| l.saturating_sub(events.len()));
+        let mut spill = events.add(&batch, &todo, room)?;
+        if !polled.is_empty() {
+            spill.extend(polled);
+            spill.sort_unstable();
         }
         if spill.is_empty() {
             return Ok(());
         }
-        self.poller.add(&spill);
+        self.poller.add(&batch, &spill);
         if !self.warned {
             self.warned = true;
             let (n, every) = self.polled();

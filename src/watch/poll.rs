@@ -24,7 +24,7 @@ use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{WatchMsg, deliver};
+use super::{Batch, WatchMsg, deliver};
 use crate::hash::cache::{EntryType, RACY_MARGIN_NS, StatKey};
 
 /// The share of one core polling may take on average.
@@ -218,23 +218,31 @@ impl Poller {
         }
     }
 
-    pub(super) fn contains(&self, dir: &Path) -> bool {
-        self.stop.is_some() && self.shared.set().find(self.rel(dir)).is_some()
+    /// The positions in `batch` of the directories polled already.
+    pub(super) fn find(&self, batch: &Batch) -> Vec<u32> {
+        if self.stop.is_none() {
+            return Vec::new();
+        }
+        let set = self.shared.set();
+        (0..batch.len() as u32)
+            .filter(|&k| set.find(batch.rel(k)).is_some())
+            .collect()
     }
 
-    /// Polls `dirs` from now on. Their listings are taken by the polling thread's next pass, not
-    /// here (that would be a pass's work added to the start): its first look at a directory
-    /// names the directory itself, and each entry, that changed since this call.
-    pub(super) fn add(&mut self, dirs: &[PathBuf]) {
-        if dirs.is_empty() {
+    /// Polls the directories of `batch` at positions `which` from now on. Their listings are
+    /// taken by the polling thread's next pass, not here (that would be a pass's work added to
+    /// the start): its first look at a directory names the directory itself, and each entry,
+    /// that changed since this call.
+    pub(super) fn add(&mut self, batch: &Batch, which: &[u32]) {
+        if which.is_empty() {
             return;
         }
         // Changes within a timestamp tick of now count as after it.
         let since = now_ns().saturating_sub(RACY_MARGIN_NS) as u64;
         let mut set = self.shared.set();
-        set.dirs.reserve(dirs.len());
-        for d in dirs {
-            let rel = self.rel(d);
+        set.dirs.reserve(which.len());
+        for &k in which {
+            let rel = batch.rel(k);
             let mut names = Vec::with_capacity(rel.len() + 1);
             names.extend_from_slice(rel);
             names.push(0);
