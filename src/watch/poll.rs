@@ -6,8 +6,8 @@
 //! stat changed (a directory's mtime moves with every entry added, removed or renamed in it),
 //! and a file's stat (size, mtime, ctime, inode, mode) stands for its content, as for git. What
 //! a pass finds is sent as the paths that changed, just as events would name them; the tree
-//! then reads those paths. A directory's memory is its path, its entries' names and one
-//! fingerprint per entry.
+//! then reads those paths. A directory's memory is its own name (its parent names the rest, see
+//! [`names`]), its entries' names and one fingerprint per entry, in one block.
 //!
 //! A stat taken within [`RACY_MARGIN_NS`] of a change cannot vouch for the next (two writes in
 //! one timestamp tick leave it unchanged): such an entry is named again by the next pass.
@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashTable;
-use rustc_hash::FxBuildHasher;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::names::{self, Finder, Nodes, Parent};
 use super::{Batch, WatchMsg, deliver};
 use crate::hash::cache::{EntryType, RACY_MARGIN_NS, StatKey};
 
@@ -45,79 +45,331 @@ const PENDING: u64 = 2;
 /// of the deep bench tree, at about 3 entries each, took 5-10 us a directory).
 const PRIOR_US_PER_DIR: f64 = 10.0;
 
-/// One polled directory: its path relative to the base (NUL-terminated), then each entry's name
-/// (NUL-terminated), and the fingerprints of the directory itself and of each entry.
-struct Polled {
-    names: Box<[u8]>,
-    prints: Box<[u64]>,
+/// One polled directory, or one no longer polled whose name polled ones below still need.
+#[derive(Debug, Clone, Copy)]
+struct Dir {
+    /// The parent's slot, or [`NO_PARENT`] when the name is the whole path (see [`names`]);
+    /// and [`UNPOLLED`].
+    parent: u32,
+    /// Where its block is in [`Set::data`].
+    at: u32,
 }
 
-impl Polled {
-    fn rel(&self) -> &[u8] {
-        let end = self.names.iter().position(|&b| b == 0).unwrap_or(0);
-        &self.names[..end]
-    }
+const NO_PARENT: u32 = UNPOLLED - 1;
+const UNPOLLED: u32 = 1 << 31;
 
-    /// The entries' names, each with its NUL.
-    fn entries(&self) -> impl Iterator<Item = &[u8]> {
-        let start = self.rel().len() + 1;
-        self.names[start.min(self.names.len())..].split_inclusive(|&b| b == 0)
-    }
-}
+/// The header of a block: how many fingerprints, and how many bytes of names, follow.
+const HEADER: usize = 8;
 
+/// The polled directories, each with one block in `data`: a header, the fingerprints of the
+/// directory itself and of each entry, then its own name and each entry's (each followed by a
+/// NUL). On the deep bench tree a directory costs 8 bytes and a block of about 70, where two
+/// boxes and a whole path cost about 180.
 #[derive(Default)]
 struct Set {
-    dirs: Vec<Polled>,
-    /// Indices into `dirs`, by the hash of the relative path.
-    index: HashTable<u32>,
+    dirs: Vec<Dir>,
+    data: Vec<u8>,
+    /// Bytes of `data` that no block uses any more.
+    garbage: usize,
+    live: usize,
+    unpolled: usize,
+    /// How many of those were still needed to name others when last counted.
+    needed: usize,
 }
 
-fn hash(rel: &[u8]) -> u64 {
-    let mut h = FxBuildHasher.build_hasher();
-    h.write(rel);
-    h.finish()
+fn u32_at(data: &[u8], at: usize) -> usize {
+    u32::from_ne_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize
+}
+
+fn block_len(prints: usize, names: usize) -> usize {
+    HEADER + 8 * prints + names
+}
+
+impl names::Nodes for Set {
+    fn slots(&self) -> usize {
+        self.dirs.len()
+    }
+
+    fn name(&self, i: usize) -> &[u8] {
+        let names = self.names(i);
+        let end = names.iter().position(|&b| b == 0).unwrap_or(names.len());
+        &names[..end]
+    }
+
+    fn parent(&self, i: usize) -> Parent {
+        match self.dirs[i].parent & !UNPOLLED {
+            NO_PARENT => Parent::None,
+            p if (p as usize) < self.dirs.len() => Parent::Slot(p as usize),
+            _ => Parent::Lost,
+        }
+    }
+
+    fn live(&self, i: usize) -> bool {
+        self.dirs[i].parent & UNPOLLED == 0
+    }
 }
 
 impl Set {
-    fn find(&self, rel: &[u8]) -> Option<usize> {
-        self.index
-            .find(hash(rel), |&i| self.dirs[i as usize].rel() == rel)
-            .map(|&i| i as usize)
+    /// How many fingerprints slot `i` has, and where they start.
+    fn prints_at(&self, i: usize) -> (usize, usize) {
+        let at = self.dirs[i].at as usize;
+        (u32_at(&self.data, at), at + HEADER)
     }
 
-    fn insert(&mut self, p: Polled) {
-        match self.find(p.rel()) {
-            Some(i) => self.dirs[i] = p,
-            None => {
-                let i = self.dirs.len() as u32;
-                let h = hash(p.rel());
-                self.dirs.push(p);
-                let dirs = &self.dirs;
-                self.index
-                    .insert_unique(h, i, |&j| hash(dirs[j as usize].rel()));
-            }
+    fn print(&self, i: usize, j: usize) -> u64 {
+        let (n, at) = self.prints_at(i);
+        assert!(j < n, "fingerprint {j} of {n}");
+        let at = at + 8 * j;
+        u64::from_ne_bytes(self.data[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    fn set_print(&mut self, i: usize, j: usize, print: u64) {
+        let (n, at) = self.prints_at(i);
+        assert!(j < n, "fingerprint {j} of {n}");
+        let at = at + 8 * j;
+        self.data[at..at + 8].copy_from_slice(&print.to_ne_bytes());
+    }
+
+    /// The names of slot `i`: its own, then its entries', each followed by a NUL.
+    fn names(&self, i: usize) -> &[u8] {
+        let at = self.dirs[i].at as usize;
+        let (prints, len) = (u32_at(&self.data, at), u32_at(&self.data, at + 4));
+        let start = at + HEADER + 8 * prints;
+        &self.data[start..start + len]
+    }
+
+    /// The entries' names, each with its NUL.
+    fn entries(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let names = self.names(i);
+        let start = names
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(names.len(), |e| e + 1);
+        names[start..].split_inclusive(|&b| b == 0)
+    }
+
+    fn block_len(&self, i: usize) -> usize {
+        let at = self.dirs[i].at as usize;
+        block_len(u32_at(&self.data, at), u32_at(&self.data, at + 4))
+    }
+
+    /// Writes a block of `prints` and `names` at the end of `data`; where it is.
+    fn append(&mut self, prints: &[u64], names: &[&[u8]]) -> u32 {
+        let len: usize = names.iter().map(|n| n.len()).sum();
+        names::grow(&mut self.data, block_len(prints.len(), len));
+        let at = u32::try_from(self.data.len()).expect("less than 4 GiB of polled listings");
+        let count = |n: usize| u32::try_from(n).expect("less than 4 GiB a listing");
+        self.data
+            .extend_from_slice(&count(prints.len()).to_ne_bytes());
+        self.data.extend_from_slice(&count(len).to_ne_bytes());
+        for p in prints {
+            self.data.extend_from_slice(&p.to_ne_bytes());
         }
+        for n in names {
+            self.data.extend_from_slice(n);
+        }
+        at
     }
 
-    fn remove(&mut self, rel: &[u8]) {
-        let Some(i) = self.find(rel) else {
+    /// Gives slot `i` a new block, in place if it fits.
+    fn replace(&mut self, i: usize, prints: &[u64], names: &[&[u8]]) {
+        let old = self.block_len(i);
+        let len: usize = names.iter().map(|n| n.len()).sum();
+        let new = block_len(prints.len(), len);
+        if new > old {
+            self.dirs[i].at = self.append(prints, names);
+            self.garbage += old;
             return;
-        };
-        let h = hash(rel);
-        if let Ok(entry) = self.index.find_entry(h, |&j| j as usize == i) {
-            entry.remove();
         }
-        let last = self.dirs.len() - 1;
-        if i != last {
-            // The last one takes the freed place: its index entry follows.
-            let moved = hash(self.dirs[last].rel());
-            if let Some(slot) = self.index.find_mut(moved, |&j| j as usize == last) {
-                *slot = i as u32;
+        let mut at = self.dirs[i].at as usize;
+        let mut put = |bytes: &[u8]| {
+            self.data[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        put(&(prints.len() as u32).to_ne_bytes());
+        put(&(len as u32).to_ne_bytes());
+        for p in prints {
+            put(&p.to_ne_bytes());
+        }
+        for n in names {
+            put(n);
+        }
+        self.garbage += old - new;
+    }
+
+    /// Polls the directories of `batch` at positions `which`, each to be listed by its next
+    /// look (those polled already too); changes from `since` on count.
+    fn add(&mut self, batch: &Batch, which: &[u32], since: u64) {
+        let mut fresh = Vec::with_capacity(which.len());
+        if self.live == 0 {
+            fresh.extend(which.iter().copied());
+        } else {
+            let finder = Finder::new(&*self, which.len());
+            let mut again = Vec::new();
+            for &k in which {
+                match finder.find(&*self, batch.rel(k)) {
+                    Some(i) => again.push(i),
+                    None => fresh.push(k),
+                }
+            }
+            for i in again {
+                let name = self.name(i).to_vec();
+                self.replace(i, &[PENDING, since], &[&name, b"\0"]);
             }
         }
-        self.dirs.swap_remove(i);
+        // Named from their parent where it is polled too (deeper ones mostly are), else from
+        // a slot that holds only its parent's name: those at the edge of the polled part, whose
+        // parents are watched, share those names instead of each holding a whole path.
+        let mut parents = vec![names::Found::None; fresh.len()];
+        let rel = |j: usize| batch.rel(fresh[j]);
+        names::parents(&*self, fresh.len(), rel, |_| true, |j, f| parents[j] = f);
+        let mut edge: FxHashMap<&[u8], u32> = FxHashMap::default();
+        for (j, &found) in parents.iter().enumerate() {
+            if found == names::Found::None
+                && let Some(p) = names::parent_path(rel(j))
+            {
+                self.name_only(p, &mut edge);
+            }
+        }
+        let first = self.dirs.len();
+        let parent_of = |j: usize, found: names::Found| match found {
+            names::Found::None => names::parent_path(rel(j)).map_or(NO_PARENT, |p| edge[p]),
+            names::Found::Added(a) => (first + a) as u32,
+            names::Found::Slot(s) => s as u32,
+        };
+        let name = |j: usize, parent: u32| match parent {
+            NO_PARENT => rel(j),
+            _ => names::last(rel(j)),
+        };
+        let bytes: usize = (parents.iter().enumerate())
+            .map(|(j, &f)| block_len(2, name(j, parent_of(j, f)).len() + 1))
+            .sum();
+        names::grow(&mut self.dirs, fresh.len());
+        names::grow(&mut self.data, bytes);
+        for (j, &found) in parents.iter().enumerate() {
+            let parent = parent_of(j, found);
+            let at = self.append(&[PENDING, since], &[name(j, parent), b"\0"]);
+            self.dirs.push(Dir { parent, at });
+        }
+        self.live += fresh.len();
+    }
+
+    /// The slot that stands for the directory at `path` (not polled) to name those below it,
+    /// made with those for its parents if not in `made` already.
+    fn name_only<'p>(&mut self, path: &'p [u8], made: &mut FxHashMap<&'p [u8], u32>) -> u32 {
+        // Up to one made already, or to the top; then down.
+        let mut missing = Vec::new();
+        let mut at = Some(path);
+        let mut parent = NO_PARENT;
+        while let Some(p) = at {
+            if let Some(&slot) = made.get(p) {
+                parent = slot;
+                break;
+            }
+            missing.push(p);
+            at = names::parent_path(p);
+        }
+        for p in missing.into_iter().rev() {
+            let name = if parent == NO_PARENT {
+                p
+            } else {
+                names::last(p)
+            };
+            let at = self.append(&[], &[name, b"\0"]);
+            let slot = self.dirs.len() as u32;
+            self.dirs.push(Dir {
+                parent: parent | UNPOLLED,
+                at,
+            });
+            self.unpolled += 1;
+            self.needed += 1;
+            made.insert(p, slot);
+            parent = slot;
+        }
+        parent
+    }
+
+    /// Stops polling slot `i`.
+    fn unpoll(&mut self, i: usize) {
+        if self.live(i) {
+            self.dirs[i].parent |= UNPOLLED;
+            self.garbage += self.block_len(i);
+            self.live -= 1;
+            self.unpolled += 1;
+        }
+    }
+
+    /// Drops what no polled directory needs any more, once that is a quarter of what is held:
+    /// the blocks replaced, and the directories no longer polled that name none below. Whether
+    /// it did.
+    fn compact(&mut self) -> bool {
+        let wasteful = self.garbage >= 4096 && self.garbage * 4 >= self.data.len();
+        let spare = self.unpolled.saturating_sub(self.needed);
+        let compact = wasteful || spare >= UNPOLLED_MIN.max(self.dirs.len() / 4);
+        if compact {
+            self.compact_now();
+        }
+        compact
+    }
+
+    fn compact_now(&mut self) {
+        let n = self.dirs.len();
+        // The new slot of each kept one.
+        let mut slot = vec![u32::MAX; n];
+        for i in (0..n).filter(|&i| self.live(i)) {
+            let mut at = i;
+            while slot[at] == u32::MAX {
+                slot[at] = 0;
+                match self.parent(at) {
+                    Parent::Slot(p) => at = p,
+                    _ => break,
+                }
+            }
+        }
+        let mut kept = 0;
+        let mut bytes = 0;
+        for (i, s) in slot.iter_mut().enumerate() {
+            if *s != u32::MAX {
+                *s = kept;
+                kept += 1;
+                bytes += if self.live(i) {
+                    self.block_len(i)
+                } else {
+                    block_len(0, self.name(i).len() + 1)
+                };
+            }
+        }
+        let old = std::mem::take(self);
+        self.dirs.reserve_exact(kept as usize);
+        self.data.reserve_exact(bytes);
+        for i in (0..n).filter(|&i| slot[i] != u32::MAX) {
+            let d = old.dirs[i];
+            let at = if old.live(i) {
+                let at = old.dirs[i].at as usize;
+                let new = self.data.len() as u32;
+                self.data
+                    .extend_from_slice(&old.data[at..at + old.block_len(i)]);
+                self.live += 1;
+                new
+            } else {
+                self.unpolled += 1;
+                self.needed += 1;
+                self.append(&[], &[old.name(i), b"\0"])
+            };
+            let parent = match d.parent & !UNPOLLED {
+                NO_PARENT => NO_PARENT,
+                p => slot.get(p as usize).copied().unwrap_or(NO_PARENT),
+            };
+            self.dirs.push(Dir {
+                parent: parent | (d.parent & UNPOLLED),
+                at,
+            });
+        }
     }
 }
+
+/// Directories no longer polled that are always tolerated.
+const UNPOLLED_MIN: usize = 1024;
 
 /// What the polling thread and the watcher share.
 struct Shared {
@@ -203,7 +455,7 @@ impl Poller {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.shared.set().dirs.len()
+        self.shared.set().live
     }
 
     /// The wait between two passes, as things stand.
@@ -224,8 +476,12 @@ impl Poller {
             return Vec::new();
         }
         let set = self.shared.set();
+        if set.live == 0 {
+            return Vec::new();
+        }
+        let finder = Finder::new(&*set, batch.len());
         (0..batch.len() as u32)
-            .filter(|&k| set.find(batch.rel(k)).is_some())
+            .filter(|&k| finder.find(&*set, batch.rel(k)).is_some())
             .collect()
     }
 
@@ -240,18 +496,8 @@ impl Poller {
         // Changes within a timestamp tick of now count as after it.
         let since = now_ns().saturating_sub(RACY_MARGIN_NS) as u64;
         let mut set = self.shared.set();
-        set.dirs.reserve(which.len());
-        for &k in which {
-            let rel = batch.rel(k);
-            let mut names = Vec::with_capacity(rel.len() + 1);
-            names.extend_from_slice(rel);
-            names.push(0);
-            set.insert(Polled {
-                names: names.into_boxed_slice(),
-                prints: Box::new([PENDING, since]),
-            });
-        }
-        let n = set.dirs.len();
+        set.add(batch, which, since);
+        let n = set.live;
         drop(set);
         self.shared.update_interval(n);
         if self.stop.is_none() {
@@ -278,10 +524,33 @@ impl Poller {
             return;
         }
         let mut set = self.shared.set();
+        let finder = Finder::new(&*set, dirs.len());
+        let mut gone = Vec::new();
         for d in dirs {
-            set.remove(self.rel(d));
+            finder.find_all(&*set, self.rel(d), |i| gone.push(i));
+        }
+        for i in gone {
+            // Kept while a polled directory below needs its name.
+            set.unpoll(i);
         }
     }
+}
+
+/// What a pass reuses from one directory to the next: a pass makes no allocation for what did
+/// not change.
+#[derive(Default)]
+struct Scratch {
+    path: Vec<u8>,
+    rel: Vec<u8>,
+    listing: Listing,
+}
+
+/// A directory's listing as [`snapshot`] takes it: the fingerprints of the directory and of
+/// each entry, and its own name and each entry's, each followed by a NUL.
+#[derive(Default)]
+struct Listing {
+    prints: Vec<u64>,
+    names: Vec<u8>,
 }
 
 /// The thread: a pass, then a wait, until the poller is dropped.
@@ -291,7 +560,7 @@ fn run(
     tx: &UnboundedSender<WatchMsg>,
     overflow: bool,
 ) {
-    let mut path = Vec::with_capacity(256);
+    let mut scratch = Scratch::default();
     loop {
         // New directories wait a whole interval for their first listing too: a listing costs
         // more than a pass, and the first seconds of a watch count as much as any.
@@ -301,47 +570,71 @@ fn run(
             _ => return,
         }
         let cpu = CpuClock::start();
-        let (changed, dirs) = pass(shared, &mut path);
+        let (changed, dirs, lost) = pass(shared, &mut scratch);
         // A pass that took many first listings is dear: the wait after it is long, and the
         // next passes bring it down by degrees. The average stays within the share.
         shared.measured(cpu.elapsed(), dirs);
+        if lost
+            && !deliver(
+                tx,
+                WatchMsg::Rescan("a polled directory could not be named"),
+                overflow,
+            )
+        {
+            return;
+        }
         if !changed.is_empty() && !deliver(tx, WatchMsg::Paths(changed), overflow) {
             return;
         }
     }
 }
 
-/// One look at every polled directory; the paths that changed, and how many directories were
-/// looked at.
-fn pass(shared: &Shared, path: &mut Vec<u8>) -> (Vec<PathBuf>, usize) {
+/// One look at every polled directory; the paths that changed, how many directories were
+/// looked at, and whether one could not be named.
+fn pass(shared: &Shared, scratch: &mut Scratch) -> (Vec<PathBuf>, usize, bool) {
     let taken = now_ns();
     let mut changed = Vec::new();
-    let mut i = 0;
+    let (mut i, mut looked, mut lost) = (0, 0, false);
     loop {
         let mut set = shared.set();
         if i >= set.dirs.len() {
-            return (changed, i);
+            // Slots move: only here, between passes.
+            if set.compact() {
+                drop(set);
+                // The blocks were rewritten into a buffer of their own: the pages of the old
+                // one (and of those it grew through) go back to the system.
+                crate::sys::trim_heap();
+            }
+            return (changed, looked, lost);
         }
         let end = (i + CHUNK).min(set.dirs.len());
-        for d in &mut set.dirs[i..end] {
-            look(shared, d, taken, path, &mut changed);
+        for d in i..end {
+            if set.live(d) {
+                lost |= !look(shared, &mut set, d, taken, scratch, &mut changed);
+                looked += 1;
+            }
         }
         i = end;
     }
 }
 
-/// Looks at one directory; pushes what changed in it to `changed`.
+/// Looks at the directory in slot `i`; pushes what changed in it to `changed`. False if it
+/// cannot be named.
 fn look(
     shared: &Shared,
-    d: &mut Polled,
+    set: &mut Set,
+    i: usize,
     taken: i64,
-    path: &mut Vec<u8>,
+    scratch: &mut Scratch,
     changed: &mut Vec<PathBuf>,
-) {
-    // The directory's path is built in `path`, which is reused for its entries: a pass makes
-    // no allocation for what did not change.
+) -> bool {
+    // The directory's path is built in `path`, which is reused for its entries.
+    let Scratch { path, rel, listing } = scratch;
+    rel.clear();
+    if !names::path(&*set, i, rel) {
+        return false;
+    }
     path.clear();
-    let rel = d.rel();
     if rel.first() != Some(&b'/') {
         path.extend_from_slice(shared.base.as_os_str().as_bytes());
         if !rel.is_empty() {
@@ -356,80 +649,98 @@ fn look(
         _ => GONE,
     };
     path.truncate(dir_len);
-    if d.prints[0] == PENDING {
-        let since = d.prints.get(1).map_or(0, |s| *s as i64);
+    let old = set.print(i, 0);
+    let name_len = set.name(i).len();
+    if old == PENDING {
+        let since = set.print(i, 1) as i64;
         let dir = PathBuf::from(OsStr::from_bytes(path));
-        match snapshot(d.rel(), &dir, taken, Some((since, changed))) {
-            Some(fresh) => *d = fresh,
-            None => {
-                d.prints[0] = GONE;
-                changed.push(dir);
-            }
+        let name = &rel[rel.len() - name_len..];
+        if snapshot(name, &dir, taken, Some((since, changed)), listing) {
+            set.replace(i, &listing.prints, &[&listing.names]);
+        } else {
+            set.set_print(i, 0, GONE);
+            changed.push(dir);
         }
-        return;
+        return true;
     }
     if print == GONE {
         // Named once; the engine then stops polling it.
-        if d.prints[0] != GONE {
-            d.prints[0] = GONE;
+        if old != GONE {
+            set.set_print(i, 0, GONE);
             changed.push(PathBuf::from(OsStr::from_bytes(path)));
         }
-        return;
+        return true;
     }
-    if print == d.prints[0] && print != UNSURE {
+    if print == old && print != UNSURE {
         // Same listing: each entry's stat is enough.
         path.push(b'/');
         let base_len = path.len();
-        let Polled { names, prints } = d;
-        let start = names
-            .iter()
-            .position(|&b| b == 0)
-            .map_or(names.len(), |e| e + 1);
-        let entries = names[start..].split_inclusive(|&b| b == 0);
-        for (name, old) in entries.zip(prints[1..].iter_mut()) {
+        let (prints, _) = set.prints_at(i);
+        let mut next = name_len + 1;
+        for j in 1..prints {
+            let Some(rest) = set.names(i).get(next..).filter(|r| !r.is_empty()) else {
+                break;
+            };
+            let name = rest
+                .iter()
+                .position(|&b| b == 0)
+                .map_or(rest, |e| &rest[..=e]);
+            next += name.len();
             path.truncate(base_len);
             path.extend_from_slice(name);
             let new = lstat_print(path, taken);
+            let old = set.print(i, j);
             // An entry unsure before may have changed again after it was read.
-            if new != *old || new == UNSURE {
+            if new != old || new == UNSURE {
                 let named = &path[..path.len() - 1];
                 changed.push(PathBuf::from(OsStr::from_bytes(named)));
-                *old = new;
+                set.set_print(i, j, new);
             }
         }
-        return;
+        return true;
     }
     // The listing changed: read it again, and name what came, went or changed.
     let dir = PathBuf::from(OsStr::from_bytes(path));
-    let Some(fresh) = snapshot(d.rel(), &dir, taken, None) else {
-        d.prints[0] = GONE;
+    let name = &rel[rel.len() - name_len..];
+    if !snapshot(name, &dir, taken, None, listing) {
+        set.set_print(i, 0, GONE);
         changed.push(dir);
-        return;
-    };
-    let mut old: rustc_hash::FxHashMap<&[u8], u64> =
-        d.entries().zip(d.prints[1..].iter().copied()).collect();
-    for (name, new) in fresh.entries().zip(fresh.prints[1..].iter()) {
-        match old.remove(name) {
+        return true;
+    }
+    let mut before: rustc_hash::FxHashMap<&[u8], u64> = set
+        .entries(i)
+        .enumerate()
+        .map(|(j, name)| (name, set.print(i, j + 1)))
+        .collect();
+    let fresh = listing.names.split_inclusive(|&b| b == 0).skip(1);
+    for (name, new) in fresh.zip(listing.prints[1..].iter()) {
+        match before.remove(name) {
             Some(o) if o == *new && o != UNSURE => {}
             _ => changed.push(dir.join(OsStr::from_bytes(&name[..name.len() - 1]))),
         }
     }
-    for name in old.keys() {
+    for name in before.keys() {
         changed.push(dir.join(OsStr::from_bytes(&name[..name.len() - 1])));
     }
-    *d = fresh;
+    drop(before);
+    set.replace(i, &listing.prints, &[&listing.names]);
+    true
 }
 
-/// `dir` as it is now: its listing and every entry's fingerprint; `None` if it cannot be read.
-/// With `since`, the directory itself and each entry whose stat changed since then are pushed
-/// to its list (the directory so that the tree reads it again: what left it is not listed).
+/// `dir` as it is now, named `name`, in `out`: its listing and every entry's fingerprint;
+/// false if it cannot be read. With `since`, the directory itself and each entry whose stat
+/// changed since then are pushed to its list (the directory so that the tree reads it again:
+/// what left it is not listed).
 fn snapshot(
-    rel: &[u8],
+    name: &[u8],
     dir: &Path,
     taken: i64,
     mut since: Option<(i64, &mut Vec<PathBuf>)>,
-) -> Option<Polled> {
-    let meta = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir())?;
+    out: &mut Listing,
+) -> bool {
+    let Some(meta) = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir()) else {
+        return false;
+    };
     let key = StatKey::of(&meta);
     let print = print_of(&key, taken);
     let after = |key: &StatKey, since: i64| key.mtime_ns.max(key.ctime_ns) >= since;
@@ -438,11 +749,14 @@ fn snapshot(
     {
         changed.push(dir.to_path_buf());
     }
-    let listing = std::fs::read_dir(dir).ok()?;
-    let mut names = Vec::with_capacity(rel.len() + 1 + 16 * 8);
-    names.extend_from_slice(rel);
-    names.push(0);
-    let mut prints = vec![print];
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    out.names.clear();
+    out.names.extend_from_slice(name);
+    out.names.push(0);
+    out.prints.clear();
+    out.prints.push(print);
     let mut path = Vec::with_capacity(dir.as_os_str().len() + 64);
     path.extend_from_slice(dir.as_os_str().as_bytes());
     path.push(b'/');
@@ -453,20 +767,18 @@ fn snapshot(
         path.truncate(base_len);
         path.extend_from_slice(name);
         path.push(0);
-        names.extend_from_slice(name);
-        names.push(0);
+        out.names.extend_from_slice(name);
+        out.names.push(0);
         let key = stat_key(&path);
         if let (Some(key), Some((t, changed))) = (&key, since.as_mut())
             && after(key, *t)
         {
             changed.push(dir.join(OsStr::from_bytes(name)));
         }
-        prints.push(key.map_or(GONE, |k| entry_print(&k, taken)));
+        out.prints
+            .push(key.map_or(GONE, |k| entry_print(&k, taken)));
     }
-    Some(Polled {
-        names: names.into_boxed_slice(),
-        prints: prints.into_boxed_slice(),
-    })
+    true
 }
 
 /// The stat of `path` (NUL-terminated), symlinks not followed.
@@ -580,6 +892,25 @@ mod tests {
             .collect()
     }
 
+    /// Polls `dirs` (relative), counting changes from `since` on.
+    fn add(s: &Shared, dirs: &[&str], since: i64) {
+        let paths: Vec<PathBuf> = dirs.iter().map(|d| s.base.join(d)).collect();
+        let batch = Batch::new(&s.base, paths.iter());
+        let all: Vec<u32> = (0..batch.len() as u32).collect();
+        s.set().add(&batch, &all, since as u64);
+    }
+
+    fn look_all(s: &Shared, taken: i64, scratch: &mut Scratch) -> Vec<PathBuf> {
+        let mut changed = Vec::new();
+        let mut set = s.set();
+        for i in 0..set.dirs.len() {
+            if set.live(i) {
+                assert!(look(s, &mut set, i, taken, scratch, &mut changed));
+            }
+        }
+        changed
+    }
+
     #[test]
     fn a_pass_names_what_was_added_removed_or_written_and_nothing_else() {
         let tmp = tempfile::tempdir().unwrap();
@@ -591,19 +922,11 @@ mod tests {
         let s = shared(base);
         // As if taken later than the margin: nothing is too recent to vouch for.
         let later = now_ns() + 2 * RACY_MARGIN_NS;
-        for (rel, dir) in [("", base.to_path_buf()), ("d", base.join("d"))] {
-            let p = snapshot(rel.as_bytes(), &dir, later, None).unwrap();
-            s.set().insert(p);
-        }
-        let mut buf = Vec::new();
-        let look_all = |taken: i64, buf: &mut Vec<u8>| {
-            let mut changed = Vec::new();
-            for d in &mut s.set().dirs {
-                look(&s, d, taken, buf, &mut changed);
-            }
-            changed
-        };
-        assert!(look_all(later, &mut buf).is_empty(), "nothing changed");
+        add(&s, &["", "d"], later);
+        let mut scratch = Scratch::default();
+        let look_all = |taken: i64, scratch: &mut Scratch| look_all(&s, taken, scratch);
+        assert!(look_all(later, &mut scratch).is_empty(), "first looks");
+        assert!(look_all(later, &mut scratch).is_empty(), "nothing changed");
 
         // A write of the same size: the stat still tells.
         fs::write(base.join("d/a"), "9").unwrap();
@@ -612,24 +935,24 @@ mod tests {
         fs::create_dir(base.join("new")).unwrap();
         let later = now_ns() + 2 * RACY_MARGIN_NS;
         assert_eq!(
-            names(base, look_all(later, &mut buf)),
+            names(base, look_all(later, &mut scratch)),
             ["d/a", "d/b", "d/c", "new"]
         );
-        assert!(look_all(later, &mut buf).is_empty(), "named once");
+        assert!(look_all(later, &mut scratch).is_empty(), "named once");
 
         // Too recent to vouch for: named again by the next pass.
         fs::write(base.join("d/a"), "8").unwrap();
         let now = now_ns();
-        assert!(names(base, look_all(now, &mut buf)).contains(&"d/a".to_owned()));
+        assert!(names(base, look_all(now, &mut scratch)).contains(&"d/a".to_owned()));
         let later = now + 2 * RACY_MARGIN_NS;
-        assert!(names(base, look_all(later, &mut buf)).contains(&"d/a".to_owned()));
-        assert!(look_all(later, &mut buf).is_empty());
+        assert!(names(base, look_all(later, &mut scratch)).contains(&"d/a".to_owned()));
+        assert!(look_all(later, &mut scratch).is_empty());
 
         // A polled directory that goes is named once.
         fs::remove_dir_all(base.join("d")).unwrap();
         let later = now_ns() + 2 * RACY_MARGIN_NS;
-        assert_eq!(names(base, look_all(later, &mut buf)), ["d", "d"]);
-        assert!(look_all(later, &mut buf).is_empty());
+        assert_eq!(names(base, look_all(later, &mut scratch)), ["d", "d"]);
+        assert!(look_all(later, &mut scratch).is_empty());
     }
 
     #[test]
@@ -639,49 +962,87 @@ mod tests {
         fs::create_dir(base.join("d")).unwrap();
         fs::write(base.join("d/old"), "1").unwrap();
         let s = shared(base);
-        let mut buf = Vec::new();
-        let look_all = |taken: i64, buf: &mut Vec<u8>| {
-            let mut changed = Vec::new();
-            for d in &mut s.set().dirs {
-                look(&s, d, taken, buf, &mut changed);
-            }
-            changed
-        };
-        let pending = |since: i64| Polled {
-            names: b"d\0".to_vec().into_boxed_slice(),
-            prints: Box::new([PENDING, since as u64]),
-        };
+        let mut scratch = Scratch::default();
         // Added long after everything in it changed: its first look names nothing.
         let later = now_ns() + 2 * RACY_MARGIN_NS;
-        s.set().insert(pending(later));
-        assert!(look_all(later, &mut buf).is_empty());
-        // Added before a file was written and another removed: the file and the directory.
-        s.set().remove(b"d");
-        s.set().insert(pending(now_ns() - RACY_MARGIN_NS));
+        add(&s, &["d"], later);
+        assert!(look_all(&s, later, &mut scratch).is_empty());
+        // Added again before a file was written: the file and the directory.
+        add(&s, &["d"], now_ns() - RACY_MARGIN_NS);
+        let slots = |s: &Shared| {
+            let set = s.set();
+            (set.dirs.len(), set.live)
+        };
+        assert_eq!(
+            slots(&s),
+            (2, 1),
+            "the same directory, and the root to name it"
+        );
         fs::write(base.join("d/new"), "2").unwrap();
         let later = now_ns() + 2 * RACY_MARGIN_NS;
         assert_eq!(
-            names(base, look_all(later, &mut buf)),
+            names(base, look_all(&s, later, &mut scratch)),
             ["d", "d/new", "d/old"]
         );
-        assert!(look_all(later, &mut buf).is_empty(), "then as any other");
+        assert!(
+            look_all(&s, later, &mut scratch).is_empty(),
+            "then as any other"
+        );
     }
 
     #[test]
-    fn removing_keeps_the_index_of_the_directory_moved_into_the_gap() {
+    fn polled_directories_are_named_through_their_parents_until_none_needs_them() {
         let tmp = tempfile::tempdir().unwrap();
-        let s = shared(tmp.path());
-        for d in ["a", "b", "c"] {
-            fs::create_dir(tmp.path().join(d)).unwrap();
-            let p = snapshot(d.as_bytes(), &tmp.path().join(d), now_ns(), None).unwrap();
-            s.set().insert(p);
+        let base = tmp.path();
+        fs::create_dir_all(base.join("a/b/c")).unwrap();
+        fs::create_dir_all(base.join("x/y")).unwrap();
+        let s = shared(base);
+        let mut scratch = Scratch::default();
+        let later = now_ns() + 2 * RACY_MARGIN_NS;
+        add(&s, &["a/b/c", "", "a", "a/b", "x/y"], later);
+        assert!(look_all(&s, later, &mut scratch).is_empty());
+        let slot = |p: &str| {
+            let set = s.set();
+            Finder::new(&*set, 1).find(&*set, p.as_bytes())
+        };
+        let name = |p: &str| {
+            let i = slot(p).unwrap();
+            s.set().name(i).to_vec()
+        };
+        assert_eq!(name("a/b/c"), b"c", "only its own name");
+        assert_eq!(name("x/y"), b"y", "named from a slot that stands for x");
+
+        let write = |rel: &str| {
+            fs::write(base.join(rel), rel).unwrap();
+            now_ns() + 2 * RACY_MARGIN_NS
+        };
+        let later = write("a/b/c/f");
+        assert_eq!(names(base, look_all(&s, later, &mut scratch)), ["a/b/c/f"]);
+
+        // No longer polled, but still naming the one below.
+        let b = slot("a/b").unwrap();
+        s.set().unpoll(b);
+        assert_eq!(slot("a/b"), None);
+        write("a/b/not-polled");
+        let later = write("a/b/c/g");
+        assert_eq!(names(base, look_all(&s, later, &mut scratch)), ["a/b/c/g"]);
+        s.set().compact_now();
+        {
+            let set = s.set();
+            // x and the root stand for watched directories (here not polled) to name x/y.
+            assert_eq!((set.dirs.len(), set.live), (7, 4), "a/b kept");
+            assert_eq!(set.garbage, 0);
+            assert_eq!(set.data.len(), set.data.capacity(), "sized to fit");
         }
-        s.set().remove(b"a");
-        let set = s.set();
-        assert_eq!(set.dirs.len(), 2);
-        assert_eq!(set.find(b"c").map(|i| set.dirs[i].rel()), Some(&b"c"[..]));
-        assert_eq!(set.find(b"b").map(|i| set.dirs[i].rel()), Some(&b"b"[..]));
-        assert_eq!(set.find(b"a"), None);
+        let later = write("a/b/c/h");
+        assert_eq!(names(base, look_all(&s, later, &mut scratch)), ["a/b/c/h"]);
+
+        let c = slot("a/b/c").unwrap();
+        s.set().unpoll(c);
+        s.set().compact_now();
+        assert_eq!(s.set().dirs.len(), 5, "a/b and a/b/c dropped");
+        let later = write("x/y/z");
+        assert_eq!(names(base, look_all(&s, later, &mut scratch)), ["x/y/z"]);
     }
 
     #[test]
