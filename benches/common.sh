@@ -129,6 +129,19 @@ use_real_tree() {
     fi
 }
 
+# pick_tree MODE: sets TREE to the tree a `deep` or `real` run measures (generating the deep
+# tree once, checking the real checkout) and hides pmesh-dev's files in it from git.
+pick_tree() {
+    if [ "$1" = deep ]; then
+        TREE=${DEEP_DIR:-/tmp/pmesh-bench-deep}
+        make_deep_tree "$TREE" "${DEEP_DIRS:-52000}"
+    else
+        use_real_tree
+        TREE=$REAL_DIR
+    fi
+    hide_from_git "$TREE"
+}
+
 # hide_from_git DIR: pmesh-dev keeps .run, .build and its .build-* archives in a service's root
 # and its digest cache in .pmesh/ there. They are hidden from git through .git/info/exclude (the
 # tree's own .gitignore is left alone), so that git status, the baseline, sees the clean tree it

@@ -366,14 +366,7 @@ case $MODE in
         TREE=$BENCH_DIR MANIFEST=$BENCH_DIR/pmesh.toml UNHASHED=1
         ;;
     deep | real)
-        if [ "$MODE" = deep ]; then
-            TREE=${DEEP_DIR:-/tmp/pmesh-bench-deep}
-            make_deep_tree "$TREE" "${DEEP_DIRS:-52000}"
-        else
-            use_real_tree
-            TREE=$REAL_DIR
-        fi
-        hide_from_git "$TREE"
+        pick_tree "$MODE"
         MANIFEST=$GIT_HOME/pmesh.toml UNHASHED=0
         printf '[services.tree]\nroot = "%s"\nbuild = ["true"]\n' "$TREE" >"$MANIFEST"
         ;;

@@ -81,14 +81,7 @@ if [ "${1:-}" = deep ] || [ "${1:-}" = real ]; then
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
     isolate_git "$WORK"
-    if [ "$MODE" = deep ]; then
-        TREE=${DEEP_DIR:-/tmp/pmesh-bench-deep}
-        make_deep_tree "$TREE" "${DEEP_DIRS:-52000}"
-    else
-        use_real_tree
-        TREE=$REAL_DIR
-    fi
-    hide_from_git "$TREE"
+    pick_tree "$MODE"
     printf '[services.deep]\nroot = "%s"\nbuild = ["true"]\ndebounce = "%sms"\n' \
         "$TREE" "$DEBOUNCE_MS" >"$WORK/pmesh.toml"
     facts=$(tree_facts "$TREE")
