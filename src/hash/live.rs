@@ -2,13 +2,12 @@
 //! build id is recomputed from the entries held, without a walk.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use rustc_hash::FxHashSet;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use rustc_hash::FxHashSet;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::cache::DigestCache;
@@ -419,7 +418,7 @@ impl LiveTree {
         )?;
         let mut prefix = rel.to_vec();
         prefix.push(b'/');
-        let fresh: rustc_hash::FxHashSet<&[u8]> = out.entries.iter().map(|e| &*e.path).collect();
+        let fresh: FxHashSet<&[u8]> = out.entries.iter().map(|e| &*e.path).collect();
         for e in &out.entries {
             match self.entries.get(&e.path, &self.dirs) {
                 Some(old) if old == e.as_ref() => {}
@@ -440,7 +439,7 @@ impl LiveTree {
         drop(fresh);
         // Entries name their directories by slot: those below go after their entries, and
         // come back before them.
-        let fresh: rustc_hash::FxHashSet<&[u8]> = out.dirs.iter().map(|(d, _)| &**d).collect();
+        let fresh: FxHashSet<&[u8]> = out.dirs.iter().map(|(d, _)| &**d).collect();
         for gone in self.dirs.remove_below(rel) {
             if !fresh.contains(&*gone) {
                 change.unwatch.push(self.abs(&gone));
