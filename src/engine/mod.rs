@@ -24,7 +24,7 @@ use self::core::{Core, Effect, Ended};
 use crate::deploy::{self, Deployer, Mode, Report, Ticket, Why};
 use crate::event::{Command, Done, EventKind, Sink};
 use crate::hash::live::Change;
-use crate::hash::{BuildId, HashSpec, LiveTree};
+use crate::hash::{BuildId, DirHook, HashSpec, LiveTree};
 use crate::manifest::{DEFAULT_POLL, Service};
 use crate::pipeline::{self, Job, Outcome, StepsRunning};
 use crate::store::Store;
@@ -129,15 +129,29 @@ pub async fn run(
     // The live build serves while the tree is hashed and, if it changed, built.
     deployer.serve();
 
-    let (tree, warnings) = {
+    // The watcher comes first: the first walk adds a directory's watch as it enters it, so
+    // that what changes once the walk has looked is reported, and the adds run beside the
+    // walk's stats instead of after them.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let root = HashSpec::service(&svc, &manifest_path).root.to_path_buf();
+    // `poll` in the manifest, like `--poll`, polls every directory.
+    let backend = match svc.poll {
+        Some(_) => watch::Backend::Poll,
+        None => opts.watcher,
+    };
+    let every = svc.poll.unwrap_or(DEFAULT_POLL);
+    let mut watcher = DirWatcher::new(backend, every, tx.clone(), root);
+    let prewatch = watcher.as_mut().ok().and_then(DirWatcher::early);
+    let (tree, warnings, prewatch) = {
         let (svc, manifest_path) = (svc.clone(), manifest_path.clone());
         tokio::task::spawn_blocking(move || {
-            LiveTree::scan(&HashSpec::service(&svc, &manifest_path))
+            let spec = HashSpec::service(&svc, &manifest_path);
+            let hook = prewatch.as_ref().map(|e| e as &dyn DirHook);
+            LiveTree::scan_hooked(&spec, hook).map(|(tree, warnings)| (tree, warnings, prewatch))
         })
         .await
         .context("the hashing task failed")??
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let mut engine = Engine {
         core: Core::new(svc.debounce),
         deployer,
@@ -161,24 +175,17 @@ pub async fn run(
     for message in warnings {
         engine.emit(EventKind::Warning { message });
     }
-    if engine.poll.is_none() {
-        let tree = engine.tree();
-        // `poll` in the manifest, like `--poll`, polls every directory.
-        let backend = match engine.svc.poll {
-            Some(_) => watch::Backend::Poll,
-            None => opts.watcher,
-        };
-        let every = engine.svc.poll.unwrap_or(DEFAULT_POLL);
-        let added = tokio::task::block_in_place(|| {
-            let root = tree.root().to_path_buf();
-            let mut w = DirWatcher::new(backend, every, tx.clone(), root)?;
-            w.add(tree.dir_paths())?;
-            Ok::<_, WatchError>(w)
-        });
-        match added {
-            Ok(w) => engine.watcher = Some(w),
-            Err(e) => engine.fall_back_to_polling(&e),
-        }
+    let added = watcher.and_then(|mut w| {
+        let dirs = engine.tree().dir_paths();
+        tokio::task::block_in_place(|| match prewatch {
+            Some(pre) => w.adopt(pre, dirs),
+            None => w.add(dirs),
+        })
+        .map(|()| w)
+    });
+    match added {
+        Ok(w) => engine.watcher = Some(w),
+        Err(e) => engine.fall_back_to_polling(&e),
     }
     trim_heap();
     drop(tx);

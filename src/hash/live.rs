@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::cache::DigestCache;
 use super::rules::{IGNORE_FILES, Level, always_excluded};
-use super::walk::{self, Stats, WalkOutput};
+use super::walk::{self, DirHook, Stats, WalkOutput};
 use super::{BuildId, CACHE_FILE, HashError, HashSpec, IdHasher, Recipe};
 
 mod dirs;
@@ -66,6 +66,14 @@ const CHECKPOINT_EVERY: usize = 2048;
 impl LiveTree {
     /// Walks the whole tree, trusting the persisted digest cache where the racy rule allows.
     pub fn scan(spec: &HashSpec) -> Result<(LiveTree, Vec<String>), HashError> {
+        LiveTree::scan_hooked(spec, None)
+    }
+
+    /// [`LiveTree::scan`], telling `hook` of each directory before the walk looks at it.
+    pub fn scan_hooked(
+        spec: &HashSpec,
+        hook: Option<&dyn DirHook>,
+    ) -> Result<(LiveTree, Vec<String>), HashError> {
         let cache = DigestCache::load(&spec.root.join(CACHE_FILE));
         let cold = cache.is_empty();
         let mut tree = LiveTree {
@@ -82,7 +90,7 @@ impl LiveTree {
             checkpoints: Vec::new(),
             checkpointed: 0,
         };
-        let mut out = tree.walk_all()?;
+        let mut out = tree.walk_all(hook)?;
         let warnings = std::mem::take(&mut out.warnings);
         // Nothing to compare with: the walk's result is taken as it is.
         tree.install(out);
@@ -95,10 +103,12 @@ impl LiveTree {
         Ok((tree, warnings))
     }
 
-    fn walk_all(&self) -> Result<WalkOutput, HashError> {
+    fn walk_all(&self, hook: Option<&dyn DirHook>) -> Result<WalkOutput, HashError> {
         let stats = Stats::default();
         let top = Level::top(&self.ignore_root, &self.root, &self.ignore);
-        walk::Walker::new(&self.root, &self.cache, &self.exclude, &stats).run(top)
+        walk::Walker::new(&self.root, &self.cache, &self.exclude, &stats)
+            .hook(hook)
+            .run(top)
     }
 
     /// Takes a full walk's result as the tree, with its entries sorted.
@@ -464,7 +474,7 @@ impl LiveTree {
     /// Walks the whole tree again through the cache: after a rescan event, a queue overflow,
     /// a rules change, or as a poll.
     pub fn rescan(&mut self) -> Result<Change, HashError> {
-        let out = self.walk_all()?;
+        let out = self.walk_all(None)?;
         let warnings = out.warnings.clone();
         let mut change = self.replace(out);
         change.warnings = warnings;

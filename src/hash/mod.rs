@@ -24,7 +24,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::manifest::Service;
 pub use cache::DigestCache;
 pub use live::LiveTree;
-pub use walk::{Stats, kind_of_mode};
+pub use walk::{DirHook, Stats, kind_of_mode};
 
 /// Mixed into every build id; bump it when the entry encoding changes.
 const FORMAT_VERSION: &[u8] = b"pmesh-dev tree v1\0";

@@ -46,6 +46,14 @@ pub struct WalkOutput {
     pub warnings: Vec<String>,
 }
 
+/// Told of each directory a walk enters, before the walk looks at it: a watcher adds its watch
+/// there, so that whatever changes once the walk has looked is reported (see `watch`).
+pub trait DirHook: Sync {
+    /// The walk enters the directory `rel` (relative to the root) whose parent's call returned
+    /// `parent` (0 for the walk's first directory); what it returns is handed to its children.
+    fn enter(&self, parent: i32, rel: &[u8]) -> i32;
+}
+
 pub struct Walker<'a> {
     pub root: &'a Path,
     pub old: &'a DigestCache,
@@ -59,6 +67,7 @@ pub struct Walker<'a> {
     track_changes: bool,
     /// What the tasks found besides entries, in no particular order.
     collected: Mutex<Collected>,
+    hook: Option<&'a dyn DirHook>,
 }
 
 /// What a walk does with the directory records it makes or changes.
@@ -149,6 +158,8 @@ struct DirTask {
     /// The rules in force in the parent.
     parent: Arc<Level>,
     node: Arc<Node>,
+    /// What the hook returned for the parent.
+    hooked: i32,
 }
 
 /// What one directory's task found.
@@ -228,7 +239,14 @@ impl<'a> Walker<'a> {
             records: Records::Output,
             track_changes: !old.is_empty(),
             collected: Mutex::default(),
+            hook: None,
         }
+    }
+
+    /// Tells `hook` of each directory before it is looked at.
+    pub fn hook(mut self, hook: Option<&'a dyn DirHook>) -> Self {
+        self.hook = hook;
+        self
     }
 
     /// Whether [`WalkOutput::dirs`] is filled (it is by default).
@@ -263,6 +281,7 @@ impl<'a> Walker<'a> {
             rel,
             parent,
             node: root.clone(),
+            hooked: 0,
         };
         rayon::scope(|s| s.spawn(|s| self.visit(s, task)));
         let (mut entries, counts) = root.take();
@@ -321,11 +340,15 @@ impl<'a> Walker<'a> {
             rel,
             parent,
             node,
+            hooked,
         } = task;
+        let hooked = self.hook.map_or(0, |h| h.enter(hooked, &rel));
         let mut out = DirOut::default();
         let old = self.old.get(&rel);
         if let Some((place, key)) = self.locate(from, &rel, old, &mut out) {
-            self.dir(scope, place, key, &rel, old, &parent, &node, &mut out);
+            self.dir(
+                scope, place, key, &rel, old, &parent, &node, hooked, &mut out,
+            );
         }
         if let (Records::Write(w), Some(rec)) = (&self.records, &out.record) {
             w.add(rec);
@@ -412,6 +435,7 @@ impl<'a> Walker<'a> {
         old: Option<&DirRecord>,
         parent: &Arc<Level>,
         node: &Arc<Node>,
+        hooked: i32,
         out: &mut DirOut,
     ) {
         let Some((listing, loc, level, ignores)) = self.listing(place, key, rel, parent, old, out)
@@ -483,6 +507,7 @@ impl<'a> Walker<'a> {
                     rel: path,
                     parent: level.clone(),
                     node: child,
+                    hooked,
                 };
                 scope.spawn(move |s| self.visit(s, task));
                 continue;

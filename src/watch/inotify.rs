@@ -78,10 +78,36 @@ struct Watched {
     /// How many gone entries make it worth dropping those no longer needed.
     compact_at: usize,
     base: PathBuf,
+    /// While the first walk adds watches (see [`Early`]): the events read meanwhile, whose
+    /// descriptors the map does not know yet, to be translated once it does.
+    held: Option<Held>,
 }
 
 /// Gone entries that are always tolerated.
 const GONE_MIN: usize = 1024;
+
+/// Events held while the first walk runs (a start-up's worth: a few, or a build's writes).
+#[derive(Default)]
+struct Held {
+    events: Vec<(i32, EventMask, Option<Box<OsStr>>)>,
+    /// More came than are held: the tree is looked at again instead.
+    lost: bool,
+}
+
+/// Events held at most; past that, a rescan.
+const HELD_MAX: usize = 16 * 1024;
+
+impl Held {
+    fn keep<'a>(&mut self, events: impl Iterator<Item = (i32, EventMask, Option<&'a OsStr>)>) {
+        for (wd, mask, name) in events {
+            if self.events.len() >= HELD_MAX {
+                self.lost = true;
+                return;
+            }
+            self.events.push((wd, mask, name.map(Box::from)));
+        }
+    }
+}
 
 impl Nodes for Watched {
     fn slots(&self) -> usize {
@@ -114,6 +140,7 @@ impl Watched {
             gone: 0,
             compact_at: GONE_MIN,
             base,
+            held: None,
         }
     }
 
@@ -178,11 +205,23 @@ impl Watched {
                 };
             },
         );
-        // (descriptor, parent's, position), ascending, the last of one descriptor kept.
-        let mut new: Vec<(i32, i32, usize)> = (0..todo.len())
+        let new: Vec<(i32, i32, usize)> = (0..todo.len())
             .filter(|&j| wds[j] > 0)
             .map(|j| (wds[j], parents[j], j))
             .collect();
+        self.insert(new, |j, parent| {
+            let rel = batch.rel(todo[j]);
+            if parent == 0 { rel } else { names::last(rel) }
+        });
+    }
+
+    /// Takes in `new` watches, each (descriptor, parent's descriptor or 0, position), named by
+    /// `name(position, parent)`: the last of one descriptor is kept.
+    fn insert<'n>(
+        &mut self,
+        mut new: Vec<(i32, i32, usize)>,
+        name: impl Fn(usize, i32) -> &'n [u8],
+    ) {
         new.sort_by_key(|&(wd, ..)| wd);
         let before = new.len();
         new.dedup_by(|later, earlier| {
@@ -199,10 +238,7 @@ impl Watched {
             // parent named from stale paths could be the directory itself, or below it.
             self.break_cycles(&mut new);
         }
-        let name = |&(_, parent, j): &(i32, i32, usize)| {
-            let rel = batch.rel(todo[j]);
-            if parent == 0 { rel } else { names::last(rel) }
-        };
+        let name = |&(_, parent, j): &(i32, i32, usize)| name(j, parent);
         let bytes: usize = new.iter().map(|n| name(n).len()).sum();
         let appends = !again
             && new
@@ -352,6 +388,87 @@ pub(super) struct Inotify {
     raw_fd: RawFd,
     dirs: Dirs,
     reader: tokio::task::JoinHandle<()>,
+    /// Where the events held during the first walk go once translated (see [`Inotify::adopt`]).
+    tx: UnboundedSender<WatchMsg>,
+    overflow: bool,
+}
+
+/// The watches the first walk adds as it enters each directory (see [`crate::hash::DirHook`]):
+/// a directory is watched before the walk looks at it, so that whatever changes after that is
+/// reported, and the adds, which the kernel serialises, run beside the walk's stats instead of
+/// after them. Taken in by [`Inotify::adopt`].
+pub(super) struct Early {
+    fd: RawFd,
+    base: Vec<u8>,
+    /// At most this many (the test limit).
+    room: Option<usize>,
+    tried: AtomicUsize,
+    /// The limit was met (ENOSPC, or `room`): the directories entered after are not watched.
+    full: AtomicBool,
+    /// An add failed otherwise: none is tried after it.
+    failed: AtomicBool,
+    made: Mutex<Made>,
+}
+
+/// What [`Early`] added: (descriptor, parent's descriptor or 0, where the name starts in
+/// `names`, its length), in the order added; names as [`Watched`] keeps them.
+#[derive(Default)]
+struct Made {
+    watches: Vec<(i32, i32, u32, u32)>,
+    names: Vec<u8>,
+}
+
+/// How the first walk's watches were taken in.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Adopted {
+    /// Every directory the walk entered is watched.
+    All,
+    /// The limit was met: those watched are kept, but they are not the shallowest (see
+    /// [`Inotify::reshape`]).
+    Full,
+    /// An add failed, or a directory was entered twice (moved during the walk, or mounted
+    /// twice): the watches were removed again, to be added as usual.
+    Undone,
+}
+
+impl Early {
+    /// The directory `rel` is watched, if it can be: its descriptor, or 0.
+    pub(super) fn enter(&self, parent: i32, rel: &[u8]) -> i32 {
+        if self.full.load(Ordering::Relaxed) || self.failed.load(Ordering::Relaxed) {
+            return 0;
+        }
+        if self
+            .room
+            .is_some_and(|r| self.tried.fetch_add(1, Ordering::Relaxed) >= r)
+        {
+            self.full.store(true, Ordering::Relaxed);
+            return 0;
+        }
+        let mut path = Vec::with_capacity(self.base.len() + rel.len() + 2);
+        path.extend_from_slice(&self.base);
+        if !rel.is_empty() {
+            path.push(b'/');
+            path.extend_from_slice(rel);
+        }
+        path.push(0);
+        // SAFETY: `path` is NUL-terminated; inotify_add_watch only reads it.
+        let wd = unsafe { libc::inotify_add_watch(self.fd, path.as_ptr().cast(), MASK.bits()) };
+        if wd < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // Gone, or no longer a directory: its parent's events tell.
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
+                Some(libc::ENOSPC) => self.full.store(true, Ordering::Relaxed),
+                _ => self.failed.store(true, Ordering::Relaxed),
+            }
+            return 0;
+        }
+        let name = if parent > 0 { names::last(rel) } else { rel };
+        let mut made = self.made.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = u32::try_from(made.names.len()).expect("less than 4 GiB of names");
+        made.names.extend_from_slice(name);
+        made.watches.push((wd, parent, at, name.len() as u32));
+        wd
+    }
 }
 
 impl Inotify {
@@ -376,13 +493,131 @@ impl Inotify {
         let fd = unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
             .map_err(|e| WatchError::Other(format!("inotify: {e}")))?;
         let dirs = Arc::new(Mutex::new(Watched::new(base)));
-        let reader = tokio::spawn(read(fd, dirs.clone(), tx, overflow));
+        let reader = tokio::spawn(read(fd, dirs.clone(), tx.clone(), overflow));
         Ok(Inotify {
             _fd: watches,
             raw_fd,
             dirs,
             reader,
+            tx,
+            overflow,
         })
+    }
+
+    /// Watches for the first walk to add as it enters each directory, at most `room` of them
+    /// if given; `None` once anything is watched. Until [`Inotify::adopt`], events are held.
+    pub(super) fn early(&mut self, room: Option<usize>) -> Option<Early> {
+        let mut map = self.dirs();
+        if map.live > 0 || map.held.is_some() {
+            return None;
+        }
+        map.held = Some(Held::default());
+        Some(Early {
+            fd: self.raw_fd,
+            base: map.base.as_os_str().as_bytes().to_vec(),
+            room,
+            tried: AtomicUsize::new(0),
+            full: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            made: Mutex::default(),
+        })
+    }
+
+    /// Takes in the watches of `early` and sends what the events held meanwhile name.
+    pub(super) fn adopt(&mut self, early: Early) -> Adopted {
+        let Made { watches, names } = early
+            .made
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let new = watches
+            .iter()
+            .enumerate()
+            .map(|(j, &(wd, parent, ..))| (wd, parent, j))
+            .collect();
+        let mut map = self.dirs();
+        map.insert(new, |j, _| {
+            let (_, _, at, len) = watches[j];
+            &names[at as usize..(at + len) as usize]
+        });
+        let adopted = if early.failed.into_inner() || map.live < watches.len() {
+            Adopted::Undone
+        } else if early.full.into_inner() {
+            Adopted::Full
+        } else {
+            Adopted::All
+        };
+        let held = map.held.take().unwrap_or_default();
+        let mut msgs = translate(
+            held.events
+                .iter()
+                .map(|(wd, mask, name)| (*wd, *mask, name.as_deref())),
+            &mut map,
+        );
+        if held.lost {
+            msgs.push(WatchMsg::Rescan(
+                "more events came than could be held while the tree was walked",
+            ));
+        }
+        let undo: Vec<i32> = match adopted {
+            Adopted::Undone => {
+                // Between these watches and those added again, changes go unreported, and
+                // events still queued for these are dropped: the tree is looked at again.
+                msgs.push(WatchMsg::Rescan(
+                    "the watches of the first walk were added again",
+                ));
+                let wds = map.entries.iter().map(|e| e.wd).collect();
+                *map = Watched::new(map.base.clone());
+                wds
+            }
+            _ => Vec::new(),
+        };
+        drop(map);
+        for wd in undo {
+            // SAFETY: inotify_rm_watch takes two integers and touches no memory of ours.
+            unsafe {
+                libc::inotify_rm_watch(self.raw_fd, wd);
+            }
+        }
+        for msg in msgs {
+            if !deliver(&self.tx, msg, self.overflow) {
+                break;
+            }
+        }
+        adopted
+    }
+
+    /// After [`Adopted::Full`]: keeps watches on the first `keep` directories of `batch` (the
+    /// shallowest) and on no other. Removes the watches of the others and returns the
+    /// positions of those first ones that have none yet (to add) and of the others (to poll).
+    pub(super) fn reshape(&mut self, batch: &Batch, keep: usize) -> (Vec<u32>, Vec<u32>) {
+        let mut map = self.dirs();
+        let finder = Finder::new(&*map, batch.len());
+        let (mut add, mut poll, mut off) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..batch.len() as u32 {
+            let watched = finder.find(&*map, batch.rel(k));
+            if (k as usize) < keep {
+                if watched.is_none() {
+                    add.push(k);
+                }
+            } else {
+                off.extend(watched);
+                poll.push(k);
+            }
+        }
+        drop(finder);
+        let wds: Vec<i32> = off.iter().map(|&i| map.entries[i].wd).collect();
+        for i in off {
+            map.mark_gone(i);
+        }
+        map.compact();
+        drop(map);
+        for wd in wds {
+            // SAFETY: inotify_rm_watch takes two integers and touches no memory of ours.
+            unsafe {
+                libc::inotify_rm_watch(self.raw_fd, wd);
+            }
+        }
+        (add, poll)
     }
 
     fn dirs(&self) -> std::sync::MutexGuard<'_, Watched> {
@@ -430,6 +665,19 @@ impl Inotify {
             )));
         }
         Ok(spill)
+    }
+
+    /// The directories watched, sorted.
+    #[cfg(test)]
+    pub(super) fn watched(&self) -> Vec<PathBuf> {
+        let map = self.dirs();
+        let mut buf = Vec::new();
+        let mut all: Vec<PathBuf> = (0..map.slots())
+            .filter(|&i| map.live(i))
+            .filter_map(|i| map.dir(i, &mut buf))
+            .collect();
+        all.sort();
+        all
     }
 
     /// Stops watching `dirs`; those not watched (or already gone) are no error.
@@ -536,9 +784,18 @@ async fn read(
             }
         };
         let batch = guard.try_io(|inner| {
-            let events = inner.get_mut().read_events(&mut buffer)?;
+            let events = inner
+                .get_mut()
+                .read_events(&mut buffer)?
+                .map(|e| (e.wd.get_watch_descriptor_id(), e.mask, e.name));
             let mut map = dirs.lock().unwrap_or_else(PoisonError::into_inner);
-            Ok(translate(events, &mut map))
+            Ok(match map.held.as_mut() {
+                Some(held) => {
+                    held.keep(events);
+                    Vec::new()
+                }
+                None => translate(events, &mut map),
+            })
         });
         let msgs = match batch {
             Ok(Ok(msgs)) => msgs,
@@ -559,21 +816,20 @@ async fn read(
 /// What one read's events say: the paths they name, in one message, and a rescan if the queue
 /// overflowed or a directory could not be named.
 fn translate<'a>(
-    events: impl Iterator<Item = ::inotify::Event<&'a OsStr>>,
+    events: impl Iterator<Item = (i32, EventMask, Option<&'a OsStr>)>,
     dirs: &mut Watched,
 ) -> Vec<WatchMsg> {
     let mut paths = Vec::new();
     let mut out = Vec::new();
     let mut buf = Vec::new();
     let (mut ignored, mut lost) = (false, false);
-    for ev in events {
-        if ev.mask.contains(EventMask::Q_OVERFLOW) {
+    for (wd, mask, name) in events {
+        if mask.contains(EventMask::Q_OVERFLOW) {
             out.push(WatchMsg::Rescan("the kernel's event queue overflowed"));
             continue;
         }
-        let wd = ev.wd.get_watch_descriptor_id();
         let at = dirs.find(wd);
-        if ev.mask.contains(EventMask::IGNORED) {
+        if mask.contains(EventMask::IGNORED) {
             // The watch is gone: removed by us, or its directory was deleted or unmounted.
             if let Some(i) = at {
                 dirs.mark_gone(i);
@@ -589,7 +845,7 @@ fn translate<'a>(
             lost = true;
             continue;
         };
-        paths.push(match ev.name {
+        paths.push(match name {
             Some(name) => dir.join(name),
             None => dir,
         });

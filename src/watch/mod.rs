@@ -208,6 +208,26 @@ impl Batch {
     }
 }
 
+/// Watches the first walk adds as it enters each directory (see [`DirWatcher::early`]).
+pub struct EarlyWatches {
+    #[cfg(target_os = "linux")]
+    inner: inotify::Early,
+    /// When the walk began: directories polled after it name what changed since.
+    since: u64,
+}
+
+impl crate::hash::DirHook for EarlyWatches {
+    fn enter(&self, parent: i32, rel: &[u8]) -> i32 {
+        #[cfg(target_os = "linux")]
+        return self.inner.enter(parent, rel);
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (parent, rel);
+            0
+        }
+    }
+}
+
 /// The watcher of one service. Dropping it stops its reader and its poller.
 pub struct DirWatcher {
     backend: Backend,
@@ -290,6 +310,64 @@ impl DirWatcher {
         (self.poller.len(), self.poller.interval())
     }
 
+    /// Watches for the first walk of the tree to add as it enters each directory, before it
+    /// looks at it (inotify only; `None` for the other backends, or once anything is watched):
+    /// hand it to the walk (it is a [`crate::hash::DirHook`]), then to [`DirWatcher::adopt`].
+    pub fn early(&mut self) -> Option<EarlyWatches> {
+        let since = poll::since_now();
+        match self.events.as_mut()? {
+            #[cfg(target_os = "linux")]
+            Events::Inotify(w) => Some(EarlyWatches {
+                inner: w.early(self.test_limit)?,
+                since,
+            }),
+            _ => {
+                let _ = since;
+                None
+            }
+        }
+    }
+
+    /// Takes in the watches the first walk added through `early`, where `dirs` are the
+    /// directories that walk found to take part. Past the watch limit the walk's watches are
+    /// not the shallowest: those that should not have one lose it and are polled, and those
+    /// that should get one (and are named, for the tree to read them again: their watch came
+    /// after the walk looked). Polled directories name what changed since the walk began.
+    pub fn adopt<P: AsRef<Path>>(
+        &mut self,
+        early: EarlyWatches,
+        dirs: impl ExactSizeIterator<Item = P>,
+    ) -> Result<(), WatchError> {
+        #[cfg(target_os = "linux")]
+        if let Some(Events::Inotify(w)) = self.events.as_mut() {
+            match w.adopt(early.inner) {
+                inotify::Adopted::All => return Ok(()),
+                inotify::Adopted::Undone => {}
+                inotify::Adopted::Full => {
+                    let batch = Batch::new(&self.base, dirs);
+                    let (add, mut poll) = w.reshape(&batch, w.len());
+                    let room = self.test_limit.map(|l| l.saturating_sub(w.len()));
+                    let spill = w.add(&batch, &add, room)?;
+                    let late: Vec<PathBuf> = {
+                        let mut s = spill.iter().peekable();
+                        add.iter()
+                            .filter(|&&k| s.next_if_eq(&&k).is_none())
+                            .map(|&k| batch.abs(k))
+                            .collect()
+                    };
+                    if !late.is_empty() {
+                        let _ = self.tx.send(WatchMsg::Paths(late));
+                    }
+                    poll.extend(spill);
+                    poll.sort_unstable();
+                    self.poll_past_the_limit(&batch, &poll, Some(early.since));
+                    return Ok(());
+                }
+            }
+        }
+        self.add_since(dirs, Some(early.since))
+    }
+
     /// Watches each of `dirs` (non-recursively), the service's own shallowest directories
     /// first; past the watch limit, the rest are polled. Directories that vanished meanwhile,
     /// or are no longer directories, are skipped: their change shows up as an event of their
@@ -298,12 +376,21 @@ impl DirWatcher {
         &mut self,
         dirs: impl ExactSizeIterator<Item = P>,
     ) -> Result<(), WatchError> {
+        self.add_since(dirs, None)
+    }
+
+    /// [`DirWatcher::add`]; those polled name what changed since `since`, if given.
+    fn add_since<P: AsRef<Path>>(
+        &mut self,
+        dirs: impl ExactSizeIterator<Item = P>,
+        since: Option<u64>,
+    ) -> Result<(), WatchError> {
         // Which directories get a watch matters only once the limit is met, but that is known
         // only on meeting it; sorting first costs a few milliseconds on 100k directories.
         let batch = Batch::new(&self.base, dirs);
         let Some(events) = self.events.as_mut() else {
             let all: Vec<u32> = (0..batch.len() as u32).collect();
-            self.poller.add(&batch, &all);
+            self.poller.add(&batch, &all, since);
             return Ok(());
         };
         // Polled already: looked at afresh.
@@ -325,7 +412,17 @@ impl DirWatcher {
         if spill.is_empty() {
             return Ok(());
         }
-        self.poller.add(&batch, &spill);
+        self.poll_past_the_limit(&batch, &spill, since);
+        Ok(())
+    }
+
+    /// Polls the directories of `batch` at positions `spill`, left over past the watch limit,
+    /// and says so once.
+    fn poll_past_the_limit(&mut self, batch: &Batch, spill: &[u32], since: Option<u64>) {
+        if spill.is_empty() {
+            return;
+        }
+        self.poller.add(batch, spill, since);
         if !self.warned {
             self.warned = true;
             let (n, every) = self.polled();
@@ -338,7 +435,6 @@ impl DirWatcher {
                 every.as_millis(),
             )));
         }
-        Ok(())
     }
 
     /// Stops watching `dirs`; those not watched (or already gone) are no error.
@@ -367,4 +463,171 @@ pub fn max_user_watches() -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::hash::{DirHook, HashSpec, LiveTree};
+    use std::fs;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::mpsc;
+
+    /// The watches of the first walk, and a write into the root once the walk is past the
+    /// root's listing (a child is entered only after it): no walk sees it, only a watch.
+    struct WritesLate<'a> {
+        early: &'a EarlyWatches,
+        root: &'a Path,
+        wrote: AtomicBool,
+    }
+
+    impl DirHook for WritesLate<'_> {
+        fn enter(&self, parent: i32, rel: &[u8]) -> i32 {
+            let wd = self.early.enter(parent, rel);
+            if !rel.is_empty() && !self.wrote.swap(true, Ordering::SeqCst) {
+                fs::write(self.root.join("late.txt"), "late\n").unwrap();
+            }
+            wd
+        }
+    }
+
+    /// The paths of the next messages, until `want` is among them.
+    async fn until(rx: &mut mpsc::UnboundedReceiver<WatchMsg>, want: &Path) {
+        let mut seen = Vec::new();
+        while !seen.iter().any(|p| p == want) {
+            let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no event for {} in {seen:?}", want.display()));
+            match msg {
+                Some(WatchMsg::Paths(p)) => seen.extend(p),
+                Some(WatchMsg::Error(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn inotify(w: &DirWatcher) -> &inotify::Inotify {
+        match &w.events {
+            Some(Events::Inotify(i)) => i,
+            _ => panic!("not inotify"),
+        }
+    }
+
+    #[tokio::test]
+    async fn what_changes_during_the_first_walk_is_reported_once_its_watches_are_taken_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        for d in ["a/b", "c"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+            fs::write(root.join(d).join("f.txt"), d).unwrap();
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w =
+            DirWatcher::new(Backend::Inotify, Duration::from_secs(1), tx, root.clone()).unwrap();
+        let early = w.early().expect("inotify watches as the walk goes");
+        assert!(w.early().is_none(), "one first walk");
+        let hook = WritesLate {
+            early: &early,
+            root: &root,
+            wrote: AtomicBool::new(false),
+        };
+        let (tree, _) = LiveTree::scan_hooked(&HashSpec::dir(&root), Some(&hook)).unwrap();
+        assert!(hook.wrote.load(Ordering::SeqCst));
+        assert!(
+            !tree.has_entry("late.txt"),
+            "written after the root was listed"
+        );
+        w.adopt(early, tree.dir_paths()).unwrap();
+        let all: Vec<PathBuf> = ["", "a", "a/b", "c"].iter().map(|d| root.join(d)).collect();
+        let mut want = all.clone();
+        want[0] = root.clone();
+        assert_eq!(inotify(&w).watched(), want);
+        assert_eq!(w.polled().0, 0);
+        // Held until the watches were in the map, then named.
+        until(&mut rx, &root.join("late.txt")).await;
+        // And events as usual afterwards, named through the parents the walk recorded.
+        fs::write(root.join("a/b/g.txt"), "g").unwrap();
+        until(&mut rx, &root.join("a/b/g.txt")).await;
+        fs::write(root.join("c/h.txt"), "h").unwrap();
+        until(&mut rx, &root.join("c/h.txt")).await;
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_met_in_the_first_walk_the_shallowest_are_watched_the_rest_polled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        for i in 0..5 {
+            for j in 0..5 {
+                fs::create_dir_all(root.join(format!("d{i}/e{j}"))).unwrap();
+            }
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w =
+            DirWatcher::new(Backend::Inotify, Duration::from_secs(1), tx, root.clone()).unwrap();
+        w.test_limit = Some(6);
+        let early = w.early().unwrap();
+        // Seen by the walk, and by the poller's first look at the directory, which names what
+        // changed since the walk began (not only since the directory was polled).
+        let before = root.join("d3/e4/before.txt");
+        fs::write(&before, "b").unwrap();
+        let hook = WritesLate {
+            early: &early,
+            root: &root,
+            wrote: AtomicBool::new(false),
+        };
+        let (tree, _) = LiveTree::scan_hooked(&HashSpec::dir(&root), Some(&hook)).unwrap();
+        assert_eq!(tree.dirs(), 31);
+        w.adopt(early, tree.dir_paths()).unwrap();
+        let mut want = vec![root.clone()];
+        want.extend((0..5).map(|i| root.join(format!("d{i}"))));
+        assert_eq!(
+            inotify(&w).watched(),
+            want,
+            "the root and the top directories"
+        );
+        assert_eq!(w.polled().0, 25);
+        // What the walk's own watches saw before they were given up is still named.
+        until(&mut rx, &root.join("late.txt")).await;
+        assert!(tree.has_entry("d3/e4/before.txt"));
+        until(&mut rx, &before).await;
+        let polled = root.join("d3/e4/new.txt");
+        fs::write(&polled, "p").unwrap();
+        until(&mut rx, &polled).await;
+        fs::write(root.join("d2/w.txt"), "w").unwrap();
+        until(&mut rx, &root.join("d2/w.txt")).await;
+    }
+
+    /// Enters one directory twice, as a walk does one moved while it runs.
+    struct EntersTwice<'a>(&'a EarlyWatches);
+
+    impl DirHook for EntersTwice<'_> {
+        fn enter(&self, parent: i32, rel: &[u8]) -> i32 {
+            if rel == b"a" {
+                self.0.enter(parent, rel);
+            }
+            self.0.enter(parent, rel)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_directory_entered_twice_has_the_watches_added_again_and_the_tree_rescanned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut w =
+            DirWatcher::new(Backend::Inotify, Duration::from_secs(1), tx, root.clone()).unwrap();
+        let early = w.early().unwrap();
+        let (tree, _) =
+            LiveTree::scan_hooked(&HashSpec::dir(&root), Some(&EntersTwice(&early))).unwrap();
+        w.adopt(early, tree.dir_paths()).unwrap();
+        let want = vec![root.clone(), root.join("a"), root.join("a/b")];
+        assert_eq!(inotify(&w).watched(), want);
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(WatchMsg::Rescan(why))) => assert!(why.contains("again"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        fs::write(root.join("a/b/f.txt"), "f").unwrap();
+        until(&mut rx, &root.join("a/b/f.txt")).await;
+    }
 }

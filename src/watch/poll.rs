@@ -488,13 +488,12 @@ impl Poller {
     /// Polls the directories of `batch` at positions `which` from now on. Their listings are
     /// taken by the polling thread's next pass, not here (that would be a pass's work added to
     /// the start): its first look at a directory names the directory itself, and each entry,
-    /// that changed since this call.
-    pub(super) fn add(&mut self, batch: &Batch, which: &[u32]) {
+    /// that changed since this call, or since `since` (see [`since_now`]) if given.
+    pub(super) fn add(&mut self, batch: &Batch, which: &[u32], since: Option<u64>) {
         if which.is_empty() {
             return;
         }
-        // Changes within a timestamp tick of now count as after it.
-        let since = now_ns().saturating_sub(RACY_MARGIN_NS) as u64;
+        let since = since.unwrap_or_else(since_now);
         let mut set = self.shared.set();
         set.add(batch, which, since);
         let n = set.live;
@@ -859,6 +858,12 @@ fn thread_cpu() -> Option<Duration> {
             u32::try_from(ts.tv_nsec).unwrap_or(0),
         )
     })
+}
+
+/// A time for [`Poller::add`] to name changes since: now, less a timestamp tick (changes within
+/// one of now count as after it).
+pub(super) fn since_now() -> u64 {
+    now_ns().saturating_sub(RACY_MARGIN_NS) as u64
 }
 
 /// Wall-clock nanoseconds since the epoch: the digest cache's clock.
