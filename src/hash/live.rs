@@ -112,9 +112,8 @@ impl LiveTree {
     }
 
     /// Takes a full walk's result as the tree, with its entries sorted.
-    fn install(&mut self, mut out: WalkOutput) {
-        out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-        self.dirs = Dirs::from_vec(out.dirs);
+    fn install(&mut self, out: WalkOutput) {
+        self.dirs = Dirs::from_walk(out.dirs);
         self.entries = SortedEntries::from_sorted(&out.entries, &self.dirs);
         drop(out.entries);
         if self.cache.absorb(out.cache) {
@@ -126,9 +125,8 @@ impl LiveTree {
     }
 
     /// Takes a full walk's result as the tree; returns the change from the previous tree.
-    fn replace(&mut self, mut out: WalkOutput) -> Change {
+    fn replace(&mut self, out: WalkOutput) -> Change {
         let mut change = Change::default();
-        out.entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         // Both in path order: one merge finds what was added, changed and removed.
         let fresh = &out.entries;
         let mut next = 0;
@@ -319,10 +317,9 @@ impl LiveTree {
                     p.clone(),
                     level,
                 )?;
-                // Directories first (parents before children): entries name theirs by slot.
-                let mut dirs = out.dirs;
-                dirs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                for (d, l) in dirs {
+                // Directories first (the walk has parents before children): entries name
+                // theirs by slot.
+                for (d, l, _) in out.dirs {
                     change.watch.push(self.abs(&d));
                     self.dirs.insert(&d, l);
                 }
@@ -449,16 +446,15 @@ impl LiveTree {
         drop(fresh);
         // Entries name their directories by slot: those below go after their entries, and
         // come back before them.
-        let fresh: FxHashSet<&[u8]> = out.dirs.iter().map(|(d, _)| &**d).collect();
+        let fresh: FxHashSet<&[u8]> = out.dirs.iter().map(|(d, ..)| &**d).collect();
         for gone in self.dirs.remove_below(rel) {
             if !fresh.contains(&*gone) {
                 change.unwatch.push(self.abs(&gone));
             }
         }
         drop(fresh);
-        let mut dirs = out.dirs;
-        dirs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (d, l) in dirs {
+        // Parents before children, as the walk has them.
+        for (d, l, _) in out.dirs {
             change.watch.push(self.abs(&d));
             self.dirs.insert(&d, l);
         }

@@ -31,9 +31,10 @@ use super::{Entry, HashError};
 pub struct WalkOutput {
     /// Entries sorted by path.
     pub entries: Vec<Entry>,
-    /// Every directory that takes part (relative path) with the rules in force in it; empty
-    /// if [`Walker::collect_dirs`] said so.
-    pub dirs: Vec<(Box<[u8]>, Arc<Level>)>,
+    /// Every directory that takes part (relative path) with the rules in force in it and its
+    /// parent's position here ([`NO_DIR`] for the walk's first), parents before children;
+    /// empty if [`Walker::collect_dirs`] said so.
+    pub dirs: Vec<(Box<[u8]>, Arc<Level>, u32)>,
     /// The directory records this walk made or changed, to be taken in with
     /// [`DigestCache::absorb`]; empty when the cache walked with was right everywhere.
     pub cache: DigestCache,
@@ -81,9 +82,12 @@ pub enum Records<'a> {
     Discard,
 }
 
+/// The parent position in [`WalkOutput::dirs`] of the walk's first directory.
+pub const NO_DIR: u32 = u32::MAX;
+
 #[derive(Default)]
 struct Collected {
-    dirs: Vec<(Box<[u8]>, Arc<Level>)>,
+    dirs: Vec<(Box<[u8]>, Arc<Level>, u32)>,
     records: Vec<DirRecord>,
     relisted: bool,
     /// An entry took the place of a directory during the walk: it was put where the
@@ -160,6 +164,8 @@ struct DirTask {
     node: Arc<Node>,
     /// What the hook returned for the parent.
     hooked: i32,
+    /// The parent's position in [`Collected::dirs`].
+    up: u32,
 }
 
 /// What one directory's task found.
@@ -170,7 +176,6 @@ struct DirOut {
     /// Its subdirectories, each with the number of entries that come before it.
     dirs: Vec<(usize, Arc<Node>)>,
     counts: Counts,
-    dir: Option<(Box<[u8]>, Arc<Level>)>,
     record: Option<DirRecord>,
     relisted: bool,
     out_of_order: bool,
@@ -186,8 +191,7 @@ impl DirOut {
 
     /// Whether it holds anything for [`Collected`].
     fn has_news(&self) -> bool {
-        self.dir.is_some()
-            || self.record.is_some()
+        self.record.is_some()
             || self.relisted
             || self.out_of_order
             || !self.changed.is_empty()
@@ -282,6 +286,7 @@ impl<'a> Walker<'a> {
             parent,
             node: root.clone(),
             hooked: 0,
+            up: NO_DIR,
         };
         rayon::scope(|s| s.spawn(|s| self.visit(s, task)));
         let (mut entries, counts) = root.take();
@@ -341,14 +346,14 @@ impl<'a> Walker<'a> {
             parent,
             node,
             hooked,
+            up,
         } = task;
         let hooked = self.hook.map_or(0, |h| h.enter(hooked, &rel));
         let mut out = DirOut::default();
         let old = self.old.get(&rel);
         if let Some((place, key)) = self.locate(from, &rel, old, &mut out) {
-            self.dir(
-                scope, place, key, &rel, old, &parent, &node, hooked, &mut out,
-            );
+            let up = (hooked, up);
+            self.dir(scope, place, key, &rel, old, &parent, &node, up, &mut out);
         }
         if let (Records::Write(w), Some(rec)) = (&self.records, &out.record) {
             w.add(rec);
@@ -356,7 +361,6 @@ impl<'a> Walker<'a> {
         }
         if out.has_news() {
             let mut c = self.collected.lock().unwrap_or_else(|e| e.into_inner());
-            c.dirs.extend(out.dir);
             c.records.extend(out.record);
             c.relisted |= out.relisted;
             c.out_of_order |= out.out_of_order;
@@ -435,16 +439,21 @@ impl<'a> Walker<'a> {
         old: Option<&DirRecord>,
         parent: &Arc<Level>,
         node: &Arc<Node>,
-        hooked: i32,
+        (hooked, up): (i32, u32),
         out: &mut DirOut,
     ) {
         let Some((listing, loc, level, ignores)) = self.listing(place, key, rel, parent, old, out)
         else {
             return;
         };
-        if self.collect_dirs {
-            out.dir = Some((rel.into(), level.clone()));
-        }
+        // Taken in before any subdirectory's task starts: parents come before children.
+        let at = if self.collect_dirs {
+            let mut c = self.collected.lock().unwrap_or_else(|e| e.into_inner());
+            c.dirs.push((rel.into(), level.clone(), up));
+            u32::try_from(c.dirs.len() - 1).expect("fewer than 4 billion directories")
+        } else {
+            NO_DIR
+        };
         // When listed afresh, what each name was before is looked up in the old listing.
         let before_listing = match (&listing, old) {
             (Listing::Fresh(_), Some(o)) => DirListing::of(o),
@@ -508,6 +517,7 @@ impl<'a> Walker<'a> {
                     parent: level.clone(),
                     node: child,
                     hooked,
+                    up: at,
                 };
                 scope.spawn(move |s| self.visit(s, task));
                 continue;

@@ -16,6 +16,8 @@ use rustc_hash::FxBuildHasher;
 
 use crate::hash::arena::{Arena, Span};
 use crate::hash::rules::Level;
+#[cfg(doc)]
+use crate::hash::walk::WalkOutput;
 
 /// The parent of the root, and of a directory whose parent does not take part (kept with its
 /// whole path as its name, which never happens with a walk's output but costs nothing to allow).
@@ -55,17 +57,32 @@ pub(super) fn split(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 impl Dirs {
+    /// Directories in any order (a test's).
+    #[cfg(test)]
     pub(super) fn from_vec(mut v: Vec<(Box<[u8]>, Arc<Level>)>) -> Dirs {
         // Parents sort before their children, so each finds its parent in place.
         v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Dirs::default();
+        for (path, level) in v {
+            out.insert(&path, level);
+        }
+        out
+    }
+
+    /// The directories of a walk (see [`WalkOutput::dirs`]), parents before children, each
+    /// with its parent's position.
+    pub(super) fn from_walk(v: Vec<(Box<[u8]>, Arc<Level>, u32)>) -> Dirs {
         let mut out = Dirs {
             slots: Vec::with_capacity(v.len()),
             index: HashTable::with_capacity(v.len()),
-            names: Arena::with_capacity(v.iter().map(|(p, _)| split(p).1.len()).sum()),
+            names: Arena::with_capacity(v.iter().map(|(p, ..)| split(p).1.len()).sum()),
             ..Dirs::default()
         };
-        for (path, level) in v {
-            out.insert(&path, level);
+        // The slot each position went to.
+        let mut slot_of = Vec::with_capacity(v.len());
+        for (path, level, up) in v {
+            let parent = slot_of.get(up as usize).copied();
+            slot_of.push(out.insert_under(&path, level, parent));
         }
         out
     }
@@ -143,13 +160,18 @@ impl Dirs {
 
     /// Adds the directory `path`, or changes its rules; its slot.
     pub(super) fn insert(&mut self, path: &[u8], level: Arc<Level>) -> u32 {
+        self.insert_under(path, level, None)
+    }
+
+    /// [`Dirs::insert`], where the slot of the parent, if known, is `parent`.
+    fn insert_under(&mut self, path: &[u8], level: Arc<Level>, parent: Option<u32>) -> u32 {
         let h = hash(path);
         if let Some(&i) = self.index.find(h, |&i| self.is(i, path)) {
             self.slots[i as usize].level = Some(level);
             return i;
         }
         let (parent_path, name) = split(path);
-        let (parent, name) = match self.id(parent_path) {
+        let (parent, name) = match parent.or_else(|| self.id(parent_path)) {
             Some(p) if !path.is_empty() => (p, name),
             _ => (NO_PARENT, path),
         };
@@ -443,6 +465,36 @@ mod tests {
         assert_eq!(c.prefix(&d, d.id(b"a/b/c").unwrap()).as_slice(), b"a/b/c/");
         assert_eq!(d.remove(b"a/b").len(), 2);
         assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn a_walk_s_directories_name_their_parents_by_position() {
+        use crate::hash::walk::NO_DIR;
+        // As a walk has them: parents first, siblings in any order, one met twice.
+        let walked = [
+            ("", NO_DIR),
+            ("b", 0),
+            ("a", 0),
+            ("a/x", 2),
+            ("b/y", 1),
+            ("a/x/z", 3),
+            ("a", 0),
+        ];
+        let d = Dirs::from_walk(
+            walked
+                .iter()
+                .map(|&(p, up)| (p.as_bytes().into(), level(), up))
+                .collect(),
+        );
+        assert_eq!(d.len(), 6);
+        let mut paths: Vec<Vec<u8>> = d.paths().collect();
+        paths.sort();
+        let want: Vec<&[u8]> = vec![b"", b"a", b"a/x", b"a/x/z", b"b", b"b/y"];
+        assert_eq!(paths, want);
+        for p in ["a/x/z", "b/y", ""] {
+            let id = d.id(p.as_bytes()).unwrap();
+            assert_eq!(d.path(id), p.as_bytes());
+        }
     }
 
     #[test]
