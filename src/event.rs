@@ -42,6 +42,13 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         url: Option<String>,
     },
+    /// The wait between two passes over the polled directories moved by a quarter or more from
+    /// the one last stated (in `watching` or an earlier `polling`): it follows what a pass
+    /// costs. An edit under a polled directory is seen within it.
+    Polling {
+        polled_dirs: usize,
+        poll_interval_ms: u64,
+    },
     /// The whole tree is looked at again (lost events, ignore rules edited).
     Rescan {
         reason: String,

@@ -148,6 +148,10 @@ impl Printer {
                 }
                 s
             }
+            EventKind::Polling {
+                polled_dirs,
+                poll_interval_ms,
+            } => polling_line(*polled_dirs, *poll_interval_ms),
             EventKind::Rescan { reason } => format!("looking at the whole tree again: {reason}"),
             EventKind::LoopDetected { paths, patterns } => self.paint(
                 RED,
@@ -358,4 +362,13 @@ pub fn human_ms(ms: u64) -> String {
         1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
         _ => format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60),
     }
+}
+
+/// What a `polling` event says: how often the polled directories are looked at now.
+pub fn polling_line(polled_dirs: usize, poll_interval_ms: u64) -> String {
+    format!(
+        "{} polled, one pass every {} now (the wait follows what a pass costs)",
+        plural(polled_dirs, "directory"),
+        human_ms(poll_interval_ms)
+    )
 }

@@ -137,6 +137,12 @@ fn engine_event(kind: &EventKind) -> Option<EngineEvent> {
         EventKind::Stopped { id, archive, port } => EngineEvent::Stopped { id, archive, port },
         EventKind::Rollback { to, .. } => EngineEvent::Rollback { to },
         EventKind::Warning { message } => EngineEvent::Warning { message },
+        EventKind::Polling {
+            polled_dirs,
+            poll_interval_ms,
+        } => EngineEvent::Warning {
+            message: crate::log::polling_line(polled_dirs, poll_interval_ms),
+        },
         EventKind::LoopDetected { paths, patterns } => EngineEvent::Warning {
             message: format!(
                 "stopped rebuilding: builds write into their own tree ({}); ignore {}",

@@ -323,6 +323,13 @@ impl Engine {
                 self.rescan = Some(reason.to_owned());
             }
             WatchMsg::Error(message) => self.emit(EventKind::Warning { message }),
+            WatchMsg::Interval { polled, every } => {
+                self.emit(EventKind::Polling {
+                    polled_dirs: polled,
+                    poll_interval_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+                });
+                return;
+            }
         }
         let first = self.core.touched(tokio::time::Instant::now());
         if first && named_paths && self.rescan.is_none() && !self.pending.is_empty() {

@@ -664,7 +664,48 @@ impl Inotify {
                 batch.abs(k).display()
             )));
         }
+        if !spill.is_empty() {
+            self.add_again(batch, &mut spill);
+        }
         Ok(spill)
+    }
+
+    /// Past the limit, the directories of `spill` that are watched already (a directory read
+    /// again is added again) are added all the same: the kernel gives such a directory the
+    /// descriptor it has, at no cost in watches, and a rename is recorded so. They leave
+    /// `spill` instead of being polled on top of their watch. One that turns out to be another
+    /// directory now gets no watch past the limit: it stays in `spill`.
+    fn add_again(&mut self, batch: &Batch, spill: &mut Vec<u32>) {
+        let mut map = self.dirs();
+        let finder = Finder::new(&*map, spill.len());
+        let again: Vec<u32> = (spill.iter().copied())
+            .filter(|&k| finder.find(&*map, batch.rel(k)).is_some())
+            .collect();
+        drop(finder);
+        if again.is_empty() {
+            return;
+        }
+        let wds: Vec<i32> = add_watches(self.raw_fd, batch, &again, None)
+            .into_iter()
+            .map(|wd| match wd {
+                wd if wd > 0 && map.find(wd).is_some() => wd,
+                wd => {
+                    if wd > 0 {
+                        // SAFETY: inotify_rm_watch takes two integers and touches no memory.
+                        unsafe {
+                            libc::inotify_rm_watch(self.raw_fd, wd);
+                        }
+                    }
+                    0
+                }
+            })
+            .collect();
+        map.record(batch, &again, &wds);
+        let mut kept = (again.iter().zip(&wds))
+            .filter(|&(_, &wd)| wd > 0)
+            .map(|(&k, _)| k)
+            .peekable();
+        spill.retain(|&k| kept.next_if_eq(&k).is_none());
     }
 
     /// The directories watched, sorted.
@@ -1016,6 +1057,12 @@ mod tests {
         let mut want: Vec<PathBuf> = (0..100).map(|k| batch.abs(k)).collect();
         want.sort();
         assert_eq!(named, want);
+        drop(map);
+        // Added again with no room left (a directory read again): those watched keep their
+        // watch and are not left over to be polled on top of it.
+        let again = w.add(&batch, &todo, Some(0)).unwrap();
+        assert_eq!(again, (100..batch.len() as u32).collect::<Vec<_>>());
+        assert_eq!(w.len(), 100);
     }
 
     /// Records `dirs` (relative) with the descriptors given, as if the kernel had.

@@ -34,6 +34,11 @@ pub enum WatchMsg {
     Paths(Vec<PathBuf>),
     /// Events were lost (the kernel queue overflowed): the whole tree must be looked at again.
     Rescan(&'static str),
+    /// The wait between polling passes moved by a quarter or more from the one last stated.
+    Interval {
+        polled: usize,
+        every: Duration,
+    },
     Error(String),
 }
 
@@ -331,8 +336,7 @@ impl DirWatcher {
     /// Takes in the watches the first walk added through `early`, where `dirs` are the
     /// directories that walk found to take part. Past the watch limit the walk's watches are
     /// not the shallowest: those that should not have one lose it and are polled, and those
-    /// that should get one (and are named, for the tree to read them again: their watch came
-    /// after the walk looked). Polled directories name what changed since the walk began.
+    /// that should get one. Polled directories name what changed since the walk began.
     pub fn adopt<P: AsRef<Path>>(
         &mut self,
         early: EarlyWatches,
@@ -347,18 +351,10 @@ impl DirWatcher {
                     let batch = Batch::new(&self.base, dirs);
                     let (add, mut poll) = w.reshape(&batch, w.len());
                     let room = self.test_limit.map(|l| l.saturating_sub(w.len()));
-                    let spill = w.add(&batch, &add, room)?;
-                    let late: Vec<PathBuf> = {
-                        let mut s = spill.iter().peekable();
-                        add.iter()
-                            .filter(|&&k| s.next_if_eq(&&k).is_none())
-                            .map(|&k| batch.abs(k))
-                            .collect()
-                    };
-                    if !late.is_empty() {
-                        let _ = self.tx.send(WatchMsg::Paths(late));
-                    }
-                    poll.extend(spill);
+                    // What changes in these between the walk's look and their watch goes
+                    // unseen (reading them again would walk all below them): a narrow window,
+                    // past the limit only.
+                    poll.extend(w.add(&batch, &add, room)?);
                     poll.sort_unstable();
                     self.poll_past_the_limit(&batch, &poll, Some(early.since));
                     return Ok(());

@@ -377,6 +377,9 @@ struct Shared {
     base: PathBuf,
     /// The current wait between passes, in milliseconds.
     interval_ms: AtomicU64,
+    /// The wait last told (0 before any): a `watching` event, a warning, or a
+    /// [`WatchMsg::Interval`].
+    stated_ms: AtomicU64,
     /// The shortest wait (the manifest's `poll`, 1s by default).
     floor: Duration,
     /// What a pass costs, smoothed, in microseconds per directory (times 1024).
@@ -402,6 +405,23 @@ impl Shared {
             u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// The message that tells the wait anew, once it moved by a quarter or more from the one
+    /// last told (if one was).
+    fn restate(&self, polled: usize) -> Option<WatchMsg> {
+        let (now, told) = (
+            self.interval_ms.load(Ordering::Relaxed),
+            self.stated_ms.load(Ordering::Relaxed),
+        );
+        if told == 0 || (now * 4 < told * 5 && now * 4 > told * 3) {
+            return None;
+        }
+        self.stated_ms.store(now, Ordering::Relaxed);
+        Some(WatchMsg::Interval {
+            polled,
+            every: Duration::from_millis(now),
+        })
     }
 
     /// Takes a pass's measured cost (CPU time) into the estimate.
@@ -445,6 +465,7 @@ impl Poller {
                 set: Mutex::default(),
                 base,
                 interval_ms: AtomicU64::new(u64::try_from(floor.as_millis()).unwrap_or(1000)),
+                stated_ms: AtomicU64::new(0),
                 floor,
                 cost: AtomicU64::new(0),
             }),
@@ -458,9 +479,12 @@ impl Poller {
         self.shared.set().live
     }
 
-    /// The wait between two passes, as things stand.
+    /// The wait between two passes, as things stand; told to the user, so a later move of
+    /// it by a quarter or more is told too (see [`WatchMsg::Interval`]).
     pub(super) fn interval(&self) -> Duration {
-        Duration::from_millis(self.shared.interval_ms.load(Ordering::Relaxed))
+        let ms = self.shared.interval_ms.load(Ordering::Relaxed);
+        self.shared.stated_ms.store(ms, Ordering::Relaxed);
+        Duration::from_millis(ms)
     }
 
     fn rel<'p>(&self, dir: &'p Path) -> &'p [u8] {
@@ -573,6 +597,11 @@ fn run(
         // A pass that took many first listings is dear: the wait after it is long, and the
         // next passes bring it down by degrees. The average stays within the share.
         shared.measured(cpu.elapsed(), dirs);
+        if let Some(msg) = shared.restate(dirs)
+            && !deliver(tx, msg, overflow)
+        {
+            return;
+        }
         if lost
             && !deliver(
                 tx,
@@ -883,6 +912,7 @@ mod tests {
             set: Mutex::default(),
             base: base.to_path_buf(),
             interval_ms: AtomicU64::new(1000),
+            stated_ms: AtomicU64::new(0),
             floor: Duration::from_secs(1),
             cost: AtomicU64::new(0),
         }
@@ -1061,5 +1091,38 @@ mod tests {
         let s = shared(tmp.path());
         s.measured(Duration::from_millis(1), 10_000);
         assert_eq!(s.interval_ms.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn a_wait_that_moved_by_a_quarter_from_the_one_told_is_told_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = shared(tmp.path());
+        s.measured(Duration::from_millis(500), 10_000);
+        assert!(
+            s.restate(10_000).is_none(),
+            "nothing told yet: `watching` tells first"
+        );
+        s.stated_ms.store(9500, Ordering::Relaxed);
+        // Cheaper by degrees: 9500, then 0.7 of the cost plus 0.3 of 400ms's, ...
+        s.measured(Duration::from_millis(400), 10_000);
+        assert!(s.restate(10_000).is_none(), "within a quarter");
+        for _ in 0..3 {
+            s.measured(Duration::from_millis(100), 10_000);
+        }
+        match s.restate(10_000) {
+            Some(WatchMsg::Interval { polled, every }) => {
+                assert_eq!(polled, 10_000);
+                assert_eq!(
+                    every.as_millis() as u64,
+                    s.interval_ms.load(Ordering::Relaxed)
+                );
+                assert!(every < Duration::from_millis(9500 * 3 / 4), "{every:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.restate(10_000).is_none(), "told once");
+        // A dearer pass sets the pace at once, and is told.
+        s.measured(Duration::from_millis(2000), 10_000);
+        assert!(matches!(s.restate(10_000), Some(WatchMsg::Interval { .. })));
     }
 }
