@@ -3,7 +3,7 @@
 pub(crate) mod arena;
 pub mod cache;
 mod entry;
-mod files;
+pub(crate) mod files;
 mod gather;
 mod listing;
 pub mod live;

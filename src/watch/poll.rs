@@ -14,6 +14,7 @@
 
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hasher};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,9 +42,11 @@ const UNSURE: u64 = 0;
 const GONE: u64 = 1;
 /// A directory's fingerprint before its first look (see [`Poller::add`]).
 const PENDING: u64 = 2;
-/// What a pass is taken to cost a directory before one was measured (a pass of 39k directories
-/// of the deep bench tree, at about 3 entries each, took 5-10 us a directory).
-const PRIOR_US_PER_DIR: f64 = 10.0;
+/// What a pass is taken to cost a directory before one was measured: what the first costs,
+/// since it is the first that follows the first wait. That pass lists every directory; on the
+/// deep bench tree (39k polled directories of about 3 entries) it took 13-17 us a directory,
+/// later ones 4-6.
+const PRIOR_US_PER_DIR: f64 = 15.0;
 
 /// One polled directory, or one no longer polled whose name polled ones below still need.
 #[derive(Debug, Clone, Copy)]
@@ -672,18 +675,13 @@ fn look(
     path.extend_from_slice(rel);
     let dir_len = path.len();
     path.push(0);
-    let print = match stat_key(path) {
-        Some(key) if key.entry_type() == EntryType::Dir => print_of(&key, taken),
-        _ => GONE,
-    };
-    path.truncate(dir_len);
     let old = set.print(i, 0);
     let name_len = set.name(i).len();
     if old == PENDING {
         let since = set.print(i, 1) as i64;
-        let dir = PathBuf::from(OsStr::from_bytes(path));
+        let dir = PathBuf::from(OsStr::from_bytes(&path[..dir_len]));
         let name = &rel[rel.len() - name_len..];
-        if snapshot(name, &dir, taken, Some((since, changed)), listing) {
+        if snapshot(name, &dir, path, taken, Some((since, changed)), listing) {
             set.replace(i, &listing.prints, &[&listing.names]);
         } else {
             set.set_print(i, 0, GONE);
@@ -691,6 +689,19 @@ fn look(
         }
         return true;
     }
+    // Its entries are stat'ed from the directory, not each looked up from the root again.
+    let fd = (set.prints_at(i).0 > 1)
+        .then(|| open_dir(path, false))
+        .flatten();
+    let key = match &fd {
+        Some(fd) => fstat_key(fd, b"\0"),
+        None => stat_key(path),
+    };
+    let print = match key {
+        Some(key) if key.entry_type() == EntryType::Dir => print_of(&key, taken),
+        _ => GONE,
+    };
+    path.truncate(dir_len);
     if print == GONE {
         // Named once; the engine then stops polling it.
         if old != GONE {
@@ -716,7 +727,11 @@ fn look(
             next += name.len();
             path.truncate(base_len);
             path.extend_from_slice(name);
-            let new = lstat_print(path, taken);
+            let key = match &fd {
+                Some(fd) => fstat_key(fd, name),
+                None => stat_key(path),
+            };
+            let new = key.map_or(GONE, |k| entry_print(&k, taken));
             let old = set.print(i, j);
             // An entry unsure before may have changed again after it was read.
             if new != old || new == UNSURE {
@@ -728,9 +743,11 @@ fn look(
         return true;
     }
     // The listing changed: read it again, and name what came, went or changed.
+    drop(fd);
     let dir = PathBuf::from(OsStr::from_bytes(path));
+    path.push(0);
     let name = &rel[rel.len() - name_len..];
-    if !snapshot(name, &dir, taken, None, listing) {
+    if !snapshot(name, &dir, path, taken, None, listing) {
         set.set_print(i, 0, GONE);
         changed.push(dir);
         return true;
@@ -762,14 +779,17 @@ fn look(
 fn snapshot(
     name: &[u8],
     dir: &Path,
+    dir_nul: &[u8],
     taken: i64,
     mut since: Option<(i64, &mut Vec<PathBuf>)>,
     out: &mut Listing,
 ) -> bool {
-    let Some(meta) = std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir()) else {
+    let Some(fd) = open_dir(dir_nul, true) else {
         return false;
     };
-    let key = StatKey::of(&meta);
+    let Some(key) = fstat_key(&fd, b"\0") else {
+        return false;
+    };
     let print = print_of(&key, taken);
     let after = |key: &StatKey, since: i64| key.mtime_ns.max(key.ctime_ns) >= since;
     if let Some((t, changed)) = since.as_mut()
@@ -777,27 +797,16 @@ fn snapshot(
     {
         changed.push(dir.to_path_buf());
     }
-    let Ok(listing) = std::fs::read_dir(dir) else {
-        return false;
-    };
     out.names.clear();
     out.names.extend_from_slice(name);
     out.names.push(0);
     out.prints.clear();
     out.prints.push(print);
-    let mut path = Vec::with_capacity(dir.as_os_str().len() + 64);
-    path.extend_from_slice(dir.as_os_str().as_bytes());
-    path.push(b'/');
-    let base_len = path.len();
-    for entry in listing.flatten() {
-        let name = entry.file_name();
-        let name = name.as_bytes();
-        path.truncate(base_len);
-        path.extend_from_slice(name);
-        path.push(0);
+    let listed = crate::hash::files::list(fd.as_fd(), dir, |name, _| {
+        let at = out.names.len();
         out.names.extend_from_slice(name);
         out.names.push(0);
-        let key = stat_key(&path);
+        let key = fstat_key(&fd, &out.names[at..]);
         if let (Some(key), Some((t, changed))) = (&key, since.as_mut())
             && after(key, *t)
         {
@@ -805,11 +814,50 @@ fn snapshot(
         }
         out.prints
             .push(key.map_or(GONE, |k| entry_print(&k, taken)));
-    }
-    true
+    });
+    listed.is_ok()
 }
 
 /// The stat of `path` (NUL-terminated), symlinks not followed.
+/// The directory at `path` (NUL-terminated), not following a symlink: opened to list it, or
+/// only to stat what is in it.
+fn open_dir(path: &[u8], list: bool) -> Option<OwnedFd> {
+    debug_assert_eq!(path.last(), Some(&0));
+    #[cfg(target_os = "linux")]
+    let how = if list { libc::O_RDONLY } else { libc::O_PATH };
+    #[cfg(not(target_os = "linux"))]
+    let how = {
+        let _ = list;
+        libc::O_RDONLY
+    };
+    let flags = how | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `path` is NUL-terminated; open only reads it.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), flags) };
+    // SAFETY: a descriptor open just now, owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The stat of `name` (NUL-terminated; the directory itself for a lone NUL) in the directory
+/// `fd`, not following a symlink.
+fn fstat_key(fd: &OwnedFd, name: &[u8]) -> Option<StatKey> {
+    debug_assert_eq!(name.last(), Some(&0));
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `name` is NUL-terminated, `fd` is open and `st` has room for a stat.
+    let rc = unsafe {
+        match name {
+            b"\0" => libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()),
+            _ => libc::fstatat(
+                fd.as_raw_fd(),
+                name.as_ptr().cast(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            ),
+        }
+    };
+    // SAFETY: the call succeeded, so it filled `st`.
+    (rc == 0).then(|| StatKey::of_stat(&unsafe { st.assume_init() }))
+}
+
 fn stat_key(path: &[u8]) -> Option<StatKey> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     debug_assert_eq!(path.last(), Some(&0));
@@ -819,14 +867,9 @@ fn stat_key(path: &[u8]) -> Option<StatKey> {
     (rc == 0).then(|| StatKey::of_stat(&unsafe { st.assume_init() }))
 }
 
-/// The fingerprint of the entry at `path` (NUL-terminated): its stat, [`UNSURE`] if too recent
-/// to vouch for the next change, [`GONE`] if it cannot be read. A directory's is only what it
-/// is (inode and mode): what it holds is looked at by its own watch or poll.
-fn lstat_print(path: &[u8], taken: i64) -> u64 {
-    stat_key(path).map_or(GONE, |k| entry_print(&k, taken))
-}
-
-/// See [`lstat_print`].
+/// The fingerprint of an entry whose stat is `key`: the stat, [`UNSURE`] if too recent to
+/// vouch for the next change. A directory's is only what it is (inode and mode): what it holds
+/// is looked at by its own watch or poll.
 fn entry_print(key: &StatKey, taken: i64) -> u64 {
     if key.entry_type() == EntryType::Dir {
         let mut h = FxBuildHasher.build_hasher();
