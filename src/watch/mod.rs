@@ -15,6 +15,7 @@
 //! An event may name a directory alone (FSEvents coalesces; a directory replaced by a rename):
 //! the tree then reads that directory again (see `LiveTree::apply`).
 
+mod bigvec;
 #[cfg(target_os = "linux")]
 mod inotify;
 mod names;

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::{FxBuildHasher, FxHashMap};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::bigvec::MappedVec;
 use super::names::{self, Finder, Nodes, Parent};
 use super::{Batch, WatchMsg, deliver};
 use crate::hash::cache::{EntryType, RACY_MARGIN_NS, StatKey};
@@ -71,7 +72,10 @@ const HEADER: usize = 8;
 #[derive(Default)]
 struct Set {
     dirs: Vec<Dir>,
-    data: Vec<u8>,
+    /// In a mapping of its own once big: a pass may rewrite blocks at its end (the first one
+    /// rewrites every block), growing it by steps that the allocator's arenas would keep
+    /// resident once given up.
+    data: MappedVec<u8>,
     /// Bytes of `data` that no block uses any more.
     garbage: usize,
     live: usize,
@@ -159,7 +163,7 @@ impl Set {
     /// Writes a block of `prints` and `names` at the end of `data`; where it is.
     fn append(&mut self, prints: &[u64], names: &[&[u8]]) -> u32 {
         let len: usize = names.iter().map(|n| n.len()).sum();
-        names::grow(&mut self.data, block_len(prints.len(), len));
+        self.data.reserve(block_len(prints.len(), len));
         let at = u32::try_from(self.data.len()).expect("less than 4 GiB of polled listings");
         let count = |n: usize| u32::try_from(n).expect("less than 4 GiB a listing");
         self.data
@@ -248,7 +252,7 @@ impl Set {
             .map(|(j, &f)| block_len(2, name(j, parent_of(j, f)).len() + 1))
             .sum();
         names::grow(&mut self.dirs, fresh.len());
-        names::grow(&mut self.data, bytes);
+        self.data.reserve(bytes);
         for (j, &found) in parents.iter().enumerate() {
             let parent = parent_of(j, found);
             let at = self.append(&[PENDING, since], &[name(j, parent), b"\0"]);
@@ -344,7 +348,7 @@ impl Set {
         }
         let old = std::mem::take(self);
         self.dirs.reserve_exact(kept as usize);
-        self.data.reserve_exact(bytes);
+        self.data = MappedVec::with_capacity(bytes);
         for i in (0..n).filter(|&i| slot[i] != u32::MAX) {
             let d = old.dirs[i];
             let at = if old.live(i) {
