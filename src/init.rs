@@ -257,7 +257,8 @@ fn node(dir: &Path) -> Guess {
     }
 }
 
-/// The file node runs: the start script's `node FILE`, else `main`, else a usual name.
+/// The file node runs: the start script's `node FILE`, else `main` if it exists (`npm init`
+/// writes `"main": "index.js"` whatever the project holds), else a usual name.
 fn entry_file(dir: &Path, start: Option<&str>, main: Option<&str>) -> Option<String> {
     if let Some(start) = start {
         let words: Vec<&str> = start.split_whitespace().collect();
@@ -271,13 +272,15 @@ fn entry_file(dir: &Path, start: Option<&str>, main: Option<&str>) -> Option<Str
         // Anything else (nodemon, tsx, next...) is the start script's business.
         return None;
     }
-    if let Some(main) = main {
-        return Some(main.trim_start_matches("./").to_owned());
+    let main = main.map(|m| m.trim_start_matches("./"));
+    if let Some(main) = main.filter(|m| dir.join(m).is_file()) {
+        return Some(main.to_owned());
     }
     ["server.js", "index.js", "app.js", "main.js"]
         .iter()
         .find(|f| dir.join(f).is_file())
         .map(|f| (*f).to_owned())
+        .or(main.map(str::to_owned))
 }
 
 fn rust(dir: &Path) -> Guess {

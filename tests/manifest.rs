@@ -698,6 +698,28 @@ fn init_guesses_from_package_json() {
         "no build script, no `npm run build`: {build:?}"
     );
     assert_ne!(svc.get("run").and_then(|v| v.as_str()), Some("npm start"));
+
+    // `npm init -y` writes `"main": "index.js"` whether or not there is one: the file that is
+    // there is run.
+    t.write(
+        "made/package.json",
+        r#"{"name": "made", "main": "index.js"}"#,
+    );
+    t.write("made/server.js", "require('http');\n");
+    let (_, svc) = only_service(&init_in(&t, "made"));
+    assert_eq!(
+        svc["run"].as_str(),
+        Some(r#"exec node "$PMESH_RUN_DIR/server.js""#),
+        "{svc:?}"
+    );
+    t.write("made/index.js", "require('http');\n");
+    std::fs::remove_file(t.path().join("made/pmesh.toml")).unwrap();
+    let (_, svc) = only_service(&init_in(&t, "made"));
+    assert_eq!(
+        svc["run"].as_str(),
+        Some(r#"exec node "$PMESH_RUN_DIR/index.js""#),
+        "`main` when it exists"
+    );
 }
 
 #[test]
