@@ -8,7 +8,9 @@
 //!   pass costs.
 //!
 //! The engine knows only [`DirWatcher`]: it adds the directories that take part, removes those
-//! that no longer do, and hears [`WatchMsg`]s. Past the inotify watch limit the directories left
+//! that no longer do, and hears [`WatchMsg`]s. With inotify the first walk of the tree adds
+//! them itself as it enters each one, before looking at it ([`DirWatcher::early`]), so that
+//! nothing that changes once the walk has looked goes unreported. Past the inotify watch limit the directories left
 //! over are polled, the shallowest (where people edit) watched first; `len` and `polled` say
 //! how many of each.
 //!
