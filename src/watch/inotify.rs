@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ::inotify::{EventMask, WatchMask, Watches};
 use rustc_hash::FxHashMap;
@@ -573,10 +573,7 @@ impl Inotify {
         };
         drop(map);
         for wd in undo {
-            // SAFETY: inotify_rm_watch takes two integers and touches no memory of ours.
-            unsafe {
-                libc::inotify_rm_watch(self.raw_fd, wd);
-            }
+            rm_watch(self.raw_fd, wd);
         }
         for msg in msgs {
             if !deliver(&self.tx, msg, self.overflow) {
@@ -590,7 +587,7 @@ impl Inotify {
     /// shallowest) and on no other. Removes the watches of the others and returns the
     /// positions of those first ones that have none yet (to add) and of the others (to poll).
     pub(super) fn reshape(&mut self, batch: &Batch, keep: usize) -> (Vec<u32>, Vec<u32>) {
-        let mut map = self.dirs();
+        let map = self.dirs();
         let finder = Finder::new(&*map, batch.len());
         let (mut add, mut poll, mut off) = (Vec::new(), Vec::new(), Vec::new());
         for k in 0..batch.len() as u32 {
@@ -605,22 +602,28 @@ impl Inotify {
             }
         }
         drop(finder);
-        let wds: Vec<i32> = off.iter().map(|&i| map.entries[i].wd).collect();
-        for i in off {
+        self.unwatch(map, &off);
+        (add, poll)
+    }
+
+    /// Removes the watches of the entries at `slots` of `map`, locked since they were found
+    /// (a compaction moves slots); the entries stay while a watched directory below needs
+    /// their names.
+    fn unwatch(&self, mut map: MutexGuard<'_, Watched>, slots: &[usize]) {
+        let wds: Vec<i32> = slots.iter().map(|&i| map.entries[i].wd).collect();
+        for &i in slots {
             map.mark_gone(i);
         }
         map.compact();
         drop(map);
         for wd in wds {
-            // SAFETY: inotify_rm_watch takes two integers and touches no memory of ours.
-            unsafe {
-                libc::inotify_rm_watch(self.raw_fd, wd);
-            }
+            // The kernel may have dropped the watch already (its directory was deleted); the
+            // IN_IGNORED that follows finds nothing left to remove.
+            rm_watch(self.raw_fd, wd);
         }
-        (add, poll)
     }
 
-    fn dirs(&self) -> std::sync::MutexGuard<'_, Watched> {
+    fn dirs(&self) -> MutexGuard<'_, Watched> {
         self.dirs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -691,10 +694,7 @@ impl Inotify {
                 wd if wd > 0 && map.find(wd).is_some() => wd,
                 wd => {
                     if wd > 0 {
-                        // SAFETY: inotify_rm_watch takes two integers and touches no memory.
-                        unsafe {
-                            libc::inotify_rm_watch(self.raw_fd, wd);
-                        }
+                        rm_watch(self.raw_fd, wd);
                     }
                     0
                 }
@@ -723,27 +723,21 @@ impl Inotify {
 
     /// Stops watching `dirs`; those not watched (or already gone) are no error.
     pub(super) fn remove(&mut self, dirs: &[PathBuf]) {
-        let mut map = self.dirs();
+        let map = self.dirs();
         let finder = Finder::new(&*map, dirs.len());
         let mut gone = Vec::new();
         for d in dirs {
             finder.find_all(&*map, map.key(d), |i| gone.push(i));
         }
-        let wds: Vec<i32> = gone.iter().map(|&i| map.entries[i].wd).collect();
-        for &i in &gone {
-            // Kept while a watched directory below needs its name.
-            map.mark_gone(i);
-        }
-        map.compact();
-        drop(map);
-        for wd in wds {
-            // The kernel may have dropped the watch already (its directory was deleted); the
-            // IN_IGNORED that follows finds nothing left to remove.
-            // SAFETY: inotify_rm_watch takes two integers and touches no memory of ours.
-            unsafe {
-                libc::inotify_rm_watch(self.raw_fd, wd);
-            }
-        }
+        drop(finder);
+        self.unwatch(map, &gone);
+    }
+}
+
+fn rm_watch(fd: RawFd, wd: i32) {
+    // SAFETY: inotify_rm_watch takes two integers and touches no memory of ours.
+    unsafe {
+        libc::inotify_rm_watch(fd, wd);
     }
 }
 
